@@ -1,0 +1,1 @@
+"""Host glue: the ComfyUI nodes of the pack (V3 schema API)."""

@@ -1,0 +1,149 @@
+"""The attn2 patch: what "Apply Nested Attention" installs and what training runs.
+
+One NestedAttentionPatch object serves every cross-attention layer of a model
+(the layer comes from extra_options). Subjects reach it through the
+conditioning they were bound to: a CALC_COND_BATCH wrapper maps each batched
+conditioning's uuid to its bindings, and the patch reads, per chunk of rows,
+`uuids[j]`. Rows whose conditioning carries no binding (the negative prompt,
+unbound prompts) get exactly the host's output, whatever the chunk order.
+
+Only the host's dict protocol is used here (extra_options, wrappers'
+executor signatures); the one host import is its attention kernel, so the
+base output is bit-identical to an unpatched run.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from ..nested_core import NestedAttentionModel, NestedKV, nested_attention, repeated_positions
+from ..nested_core.layers import LayerKey
+
+BINDINGS = "nested_attention"  # cond-dict key: tuple[Binding, ...]
+PROMPT_TOKENS = "nested_attention_tokens"  # cond-dict key: PromptTokens of the encoded prompt
+UUID_MAP = "nested_attention_bindings"  # transformer_options key: {uuid: tuple[Binding, ...]}
+WRAPPER_KEY = "nested_attention"
+
+
+@dataclass(frozen=True, eq=False)
+class Subject:
+    """A subject as the nodes pass it around (type SUBJECT): tokens from its reference image(s) + its weights."""
+
+    weights: NestedAttentionModel
+    tokens: Tensor  # [M, context_dim]: M = images × queries
+    lam: float = 1.0
+
+    def with_lambda(self, lam: float) -> "Subject":
+        if not (math.isfinite(lam) and lam >= 1.0):
+            raise ValueError(f"λ must be a finite number ≥ 1 (1 = neutral, the paper sweeps 1–4); got {lam}")
+        return replace(self, lam=lam)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A subject bound to token positions of one conditioning whose context has `context_len` tokens."""
+
+    subject: Subject
+    positions: tuple[int, ...]
+    context_len: int
+
+
+class NestedAttentionPatch:
+    """attn2 replace patch for all layers of one model, with a per-sampling-run projection cache."""
+
+    def __init__(self, sigma_start: float = math.inf, sigma_end: float = 0.0, previous: dict | None = None, query_chunk: int = 1024):
+        self.sigma_start, self.sigma_end = sigma_start, sigma_end
+        self.previous = dict(previous or {})  # layer key -> an earlier attn2 replace patch, chained
+        self.query_chunk = query_chunk
+        self._cache: dict[tuple[int, LayerKey], tuple[Tensor, Tensor]] = {}
+
+    def __deepcopy__(self, memo):
+        # ComfyUI 0.3.x deep-copies model_options on every clone; one patch (and cache) per Apply node is what we want
+        return self
+
+    # --- per sampling run ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def run(self):
+        """Scope of one sampling run (or one training step): projections are computed once inside, dropped after."""
+        self._cache.clear()
+        try:
+            yield self
+        finally:
+            self._cache.clear()  # frees the device copies: no VRAM kept after a run
+
+    def projections(self, subject: Subject, key: LayerKey, like: Tensor) -> tuple[Tensor, Tensor]:
+        cache_key = (id(subject), key)
+        if cache_key not in self._cache:
+            if key not in subject.weights.config.layers:
+                raise ValueError(
+                    f"the nested-attention weights have no layer {key}: they were made for another model "
+                    f"({subject.weights.config.base_model}, {len(subject.weights.config.layers)} layers)"
+                )
+            self._cache[cache_key] = subject.weights.project(key, subject.tokens.to(like.device, like.dtype))
+        return self._cache[cache_key]
+
+    # --- host wrappers ------------------------------------------------------------------------------
+    def outer_sample(self, executor, *args, **kwargs):
+        with self.run():
+            return executor(*args, **kwargs)
+
+    def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
+        uuid_map = {c["uuid"]: c[BINDINGS] for group in conds for c in (group or []) if c.get(BINDINGS)}
+        if uuid_map:
+            model_options = model_options.copy()
+            to = model_options["transformer_options"] = model_options.get("transformer_options", {}).copy()
+            to[UUID_MAP] = uuid_map
+        return executor(model, conds, x_in, timestep, model_options)
+
+    # --- the attn2 replace patch ----------------------------------------------------------------------
+    def base_attention(self, key: LayerKey, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
+        previous = self.previous.get(key)
+        if previous is not None:
+            return previous(q, k, v, extra_options)
+        from comfy.ldm.modules.attention import optimized_attention  # looked up per call: honours the host's choice
+
+        return optimized_attention(
+            q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
+        )
+
+    def active(self, extra_options: dict) -> bool:
+        sigmas = extra_options.get("sigmas")
+        if sigmas is None:
+            return True
+        sigma = float(sigmas.max())
+        return self.sigma_end <= sigma <= self.sigma_start
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
+        key = (*extra_options["block"], extra_options.get("block_index", 0))
+        base = self.base_attention(key, q, k, v, extra_options)
+        uuid_map = extra_options.get(UUID_MAP)
+        if not uuid_map or not self.active(extra_options):
+            return base
+        uuids = extra_options["uuids"]
+        rows = q.shape[0] // len(uuids)
+        pieces, changed = [], False
+        for j, uuid in enumerate(uuids):
+            part = slice(j * rows, (j + 1) * rows)
+            bindings = uuid_map.get(uuid)
+            if not bindings:
+                pieces.append(base[part])
+                continue
+            subjects = [
+                NestedKV(
+                    positions=repeated_positions(b.positions, b.context_len, k.shape[1]),
+                    keys=(kv := self.projections(b.subject, key, q))[0],
+                    values=kv[1],
+                    lam=b.subject.lam,
+                    alpha=b.subject.weights.config.alpha,
+                )
+                for b in bindings
+            ]
+            pieces.append(
+                nested_attention(q[part], k[part], v[part], subjects, heads=extra_options["n_heads"], base=base[part], query_chunk=self.query_chunk)
+            )
+            changed = True
+        return torch.cat(pieces) if changed else base

@@ -1,0 +1,1 @@
+"""Training the nested-attention weights: `python -m training.train`."""
