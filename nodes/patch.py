@@ -55,8 +55,16 @@ class Binding:
 class NestedAttentionPatch:
     """attn2 replace patch for all layers of one model, with a per-sampling-run projection cache."""
 
-    def __init__(self, sigma_start: float = math.inf, sigma_end: float = 0.0, previous: dict | None = None, query_chunk: int = 1024):
+    def __init__(
+        self,
+        sigma_start: float = math.inf,
+        sigma_end: float = 0.0,
+        previous: dict | None = None,
+        layers: list[LayerKey] | None = None,
+        query_chunk: int = 1024,
+    ):
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
+        self.layers = set(layers or ())  # the layer keys this patch is installed on
         self.previous = dict(previous or {})  # layer key -> an earlier attn2 replace patch, chained
         self.query_chunk = query_chunk
         self._cache: dict[tuple[int, LayerKey], tuple[Tensor, Tensor]] = {}
@@ -87,7 +95,23 @@ class NestedAttentionPatch:
         return self._cache[cache_key]
 
     # --- host wrappers ------------------------------------------------------------------------------
+    def check_bindings(self, bindings) -> None:
+        """Before sampling: every bound subject's weights must cover exactly the patched model's layers."""
+        for b in bindings:
+            config = b.subject.weights.config
+            if self.layers and set(config.layers) != self.layers:
+                missing = sorted(self.layers - set(config.layers))[:3]
+                raise ValueError(
+                    f"the nested-attention weights were made for a model with {len(config.layers)} cross-attention layers "
+                    f"({config.base_model}); this model has {len(self.layers)} (weights lack e.g. {missing}): "
+                    "use weights trained for this base model"
+                )
+
     def outer_sample(self, executor, *args, **kwargs):
+        guider = getattr(executor, "class_obj", None)
+        for group in (getattr(guider, "conds", None) or {}).values():
+            for c in group or []:
+                self.check_bindings(c.get(BINDINGS, ()))
         with self.run():
             return executor(*args, **kwargs)
 

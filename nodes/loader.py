@@ -1,0 +1,46 @@
+"""Load Nested Attention: a weights file from models/nested_attention."""
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..nested_core import load_weights
+from .types import NestedAttentionType
+
+FOLDER = "nested_attention"
+EXTENSIONS = {".safetensors"}
+log = logging.getLogger(__name__)
+
+
+def register_model_folder() -> None:
+    """models/nested_attention, added beside any paths extra_model_paths.yaml already gave the folder."""
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
+    _paths, extensions = folder_paths.folder_names_and_paths[FOLDER]
+    extensions.update(EXTENSIONS)
+
+
+class LoadNestedAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NestedAttentionLoader",
+            display_name="Load Nested Attention",
+            category="loaders",
+            description="Loads a nested-attention weights file (Q-Former + per-layer nested projections) from models/nested_attention.",
+            inputs=[
+                io.Combo.Input("weights_name", options=folder_paths.get_filename_list(FOLDER),
+                               tooltip="A .safetensors file made by `python -m training.train`, in models/nested_attention."),
+            ],
+            outputs=[NestedAttentionType.Output(tooltip="The weights, for Encode Subject.")],
+        )
+
+    @classmethod
+    def execute(cls, weights_name: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(FOLDER, weights_name)
+        weights = load_weights(path)
+        c = weights.config
+        log.info("loaded %s: %s %s, %d layers, %d queries, expects %s", weights_name, c.base_model, c.domain, len(c.layers), c.num_queries, c.vision_encoder)
+        return io.NodeOutput(weights)

@@ -1,0 +1,127 @@
+"""Encode Prompt (Nested Attention) and Bind Token: which prompt token a subject replaces.
+
+The prompt is encoded exactly as CLIPTextEncode does, and its token ids ride
+along in the conditioning, so any number of Bind Token nodes can be chained
+on one prompt without typing it twice. A binding travels with the
+conditioning: only the conditioning it was made on is personalised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from comfy_api.latest import io
+
+from ..nested_core import find_token_positions
+from .patch import BINDINGS, PROMPT_TOKENS, Binding, Subject
+from .types import SubjectType
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """The token ids of an encoded prompt, per 77-token chunk, and the tokenizer that made them."""
+
+    chunks: tuple[tuple[int | None, ...], ...]
+    tokenizer: Any  # the CLIP object's tokenizer (no weights): tokenises the word to bind
+
+    @classmethod
+    def from_tokens(cls, tokens: dict, tokenizer: Any) -> "PromptTokens":
+        chunks = tokens[_main_key(tokens)]  # SDXL tokenises twice ("l", "g"): same ids, same positions
+        return cls(tuple(tuple(t[0] if isinstance(t[0], int) else None for t in chunk) for chunk in chunks), tokenizer)
+
+    @property
+    def context_len(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+    def word_ids(self, word: str) -> list[int]:
+        """The word's token ids, tokenised exactly like the prompt (BOS, EOS and padding dropped)."""
+        tokens = self.tokenizer.tokenize_with_weights(word)
+        key = _main_key(tokens)
+        end = getattr(getattr(self.tokenizer, f"clip_{key}", None), "end_token", None)
+        ids = [t[0] for t in tokens[key][0][1:]]
+        return ids[: ids.index(end)] if end in ids else ids
+
+
+def _main_key(tokens: dict) -> str:
+    return "l" if "l" in tokens else next(iter(tokens))
+
+
+class EncodePrompt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NestedAttentionEncodePrompt",
+            display_name="Encode Prompt (Nested Attention)",
+            category="conditioning/nested_attention",
+            description="CLIP Text Encode that also keeps the prompt's token ids, so Bind Token can find the subject word.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP text encoder (from your SDXL checkpoint)."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True,
+                                tooltip="The prompt. Put the subject's word in it, e.g. 'a photo of a person surfing'."),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="The encoded prompt, ready for Bind Token.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, text: str) -> io.NodeOutput:
+        if clip is None:
+            raise ValueError("clip input is empty: connect the CLIP output of your checkpoint loader")
+        tokens = clip.tokenize(text)
+        conditioning = clip.encode_from_tokens_scheduled(tokens)
+        prompt_tokens = PromptTokens.from_tokens(tokens, clip.tokenizer)
+        return io.NodeOutput([[cond, {**extras, PROMPT_TOKENS: prompt_tokens}] for cond, extras in conditioning])
+
+
+def bind_subject(conditioning: list, subject: Subject, word: str, occurrence: int) -> list:
+    """The conditioning with `subject` bound to `word`; every entry must carry its prompt tokens."""
+    word = word.strip().lower() or subject.weights.config.bound_word
+    out = []
+    for cond, extras in conditioning:
+        tokens: PromptTokens | None = extras.get(PROMPT_TOKENS)
+        if tokens is None:
+            raise ValueError(
+                "this conditioning carries no prompt tokens: encode the prompt with 'Encode Prompt (Nested Attention)' "
+                "instead of CLIP Text Encode, and bind before any node that combines or concatenates conditionings"
+            )
+        if cond.shape[1] != tokens.context_len:
+            raise ValueError(
+                f"the conditioning has {cond.shape[1]} tokens but its prompt had {tokens.context_len}: it was concatenated "
+                "or edited after encoding; bind the subject first"
+            )
+        if cond.shape[2] != subject.weights.config.context_dim:
+            raise ValueError(
+                f"the weights were made for a {subject.weights.config.context_dim}-wide text context "
+                f"({subject.weights.config.base_model}); this prompt's encoder gives {cond.shape[2]}: use the matching checkpoint"
+            )
+        positions = find_token_positions(tokens.chunks, tokens.word_ids(word), word=word, occurrence=occurrence)
+        bindings = extras.get(BINDINGS, ())
+        taken = {p for b in bindings for p in b.positions} & set(positions)
+        if taken:
+            raise ValueError(f"'{word}' at token(s) {sorted(taken)} is already bound to a subject; bind the other subject to another word")
+        out.append([cond, {**extras, BINDINGS: (*bindings, Binding(subject, tuple(positions), cond.shape[1]))}])
+    return out
+
+
+class BindToken(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NestedAttentionBindToken",
+            display_name="Bind Token",
+            category="conditioning/nested_attention",
+            description="Binds a subject to one word of the prompt: that word's attention value becomes the subject's. "
+                        "Chain several Bind Token nodes for several subjects.",
+            inputs=[
+                io.Conditioning.Input("conditioning", tooltip="From 'Encode Prompt (Nested Attention)' (or an earlier Bind Token)."),
+                SubjectType.Input("subject", tooltip="From Encode Subject."),
+                io.String.Input("word", default="", tooltip="A single-token word of the prompt, e.g. 'person' or 'dog'. "
+                                                            "Empty: the word the weights were trained on."),
+                io.Int.Input("occurrence", default=0, min=0, max=64, step=1,
+                             tooltip="Which occurrence of the word: 0 = every occurrence, 1 = the first, 2 = the second, …"),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="The conditioning with the subject bound; only it is personalised.")],
+        )
+
+    @classmethod
+    def execute(cls, conditioning, subject: Subject, word: str, occurrence: int) -> io.NodeOutput:
+        return io.NodeOutput(bind_subject(conditioning, subject, word, occurrence))
