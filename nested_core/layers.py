@@ -17,12 +17,15 @@ LayerKey = tuple[str, int, int]
 BLOCK_ORDER = {"input": 0, "middle": 1, "output": 2}
 SDXL_LAYER_COUNT = 70
 
-# module paths inside the diffusion model, e.g. "input_blocks.4.1.transformer_blocks.0.attn2"
+# module paths inside the diffusion model:
+#   input_blocks.4.1.transformer_blocks.0.attn2   -> ("input", 4, 0)
+#   middle_block.1.transformer_blocks.3.attn2     -> ("middle", 0, 3)   (one index fewer: the host calls it block 0)
+#   output_blocks.2.1.transformer_blocks.9.attn2  -> ("output", 2, 9)
 _ATTN2_PATH = re.compile(
-    r"^(?:.*\.)?(?P<block>input_blocks|middle_block|output_blocks)\.(?P<id>\d+)\.\d+"
+    r"^(?:.*\.)?(?:(?P<block>input_blocks|output_blocks)\.(?P<id>\d+)|middle_block)\.\d+"
     r"\.transformer_blocks\.(?P<index>\d+)\.attn2$"
 )
-_BLOCK_NAMES = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+_BLOCK_NAMES = {"input_blocks": "input", "output_blocks": "output", None: "middle"}
 
 
 def attn2_layers(diffusion_model: nn.Module) -> dict[LayerKey, nn.Module]:
@@ -33,8 +36,7 @@ def attn2_layers(diffusion_model: nn.Module) -> dict[LayerKey, nn.Module]:
         if match is None:
             continue
         block = _BLOCK_NAMES[match["block"]]
-        # the host numbers the middle block 0, whatever its position in middle_block
-        block_id = 0 if block == "middle" else int(match["id"])
+        block_id = int(match["id"] or 0)
         key = (block, block_id, int(match["index"]))
         if key in found:
             raise ValueError(f"two cross-attention modules map to layer key {key} ({path})")
