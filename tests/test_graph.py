@@ -259,3 +259,47 @@ def test_missing_weights_file_names_the_node_and_file(host):
     # 0.3.75 does not check V3 combo values at validation (newer hosts do): either stage must name both
     message = str(failure.value)
     assert "w0" in message and "no_such_file.safetensors" in message
+
+
+def test_converter_handles_reroutes_primitives_notes_and_muted_nodes(node_classes):
+    from workflows.run import WorkflowError, ui_to_api
+
+    workflow = json.loads((WORKFLOWS / "nested_attention_single_subject.json").read_text())
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    ids = {n["type"]: n["id"] for n in workflow["nodes"]}
+    ksampler, decode, ckpt = nodes[ids["KSampler"]], nodes[ids["VAEDecode"]], ids["CheckpointLoaderSimple"]
+    links = workflow["links"]
+
+    def add_node(node_id, type_, widgets, mode=0, inputs=()):
+        workflow["nodes"].append({"id": node_id, "type": type_, "mode": mode, "widgets_values": widgets, "inputs": list(inputs), "outputs": []})
+
+    # VAE through a Reroute
+    vae_slot = next(i for i in decode["inputs"] if i["name"] == "vae")
+    old = next(link for link in links if link[0] == vae_slot["link"])
+    old[3], old[4] = 100, 0
+    add_node(100, "Reroute", [], inputs=[{"name": "", "type": "*", "link": old[0]}])
+    links.append([200, 100, 0, decode["id"], 1, "VAE"])
+    vae_slot["link"] = 200
+    # steps widget converted to an input, fed by a real node: the link wins
+    add_node(101, "PrimitiveInt", [3])
+    links.append([201, 101, 0, ksampler["id"], 4, "INT"])
+    ksampler["inputs"].append({"name": "steps", "type": "INT", "widget": {"name": "steps"}, "link": 201})
+    # seed fed by the frontend's PrimitiveNode: its value is already in the widget values
+    add_node(102, "PrimitiveNode", [7, "fixed"])
+    links.append([202, 102, 0, ksampler["id"], 5, "INT"])
+    ksampler["inputs"].append({"name": "seed", "type": "INT", "widget": {"name": "seed"}, "link": 202})
+    add_node(103, "SaveImage", ["muted"], mode=2)
+
+    prompt = ui_to_api(workflow, node_classes)
+    inputs = prompt[str(ksampler["id"])]["inputs"]
+    assert inputs["steps"] == ["101", 0] and inputs["seed"] == 42 and inputs["cfg"] == 5.0
+    assert prompt[str(decode["id"])]["inputs"]["vae"] == [str(ckpt), 2]
+    assert {"100", "102", "103"}.isdisjoint(prompt) and prompt["101"]["class_type"] == "PrimitiveInt"
+    assert all(node["class_type"] != "Note" for node in prompt.values())
+
+    nodes[ids["SaveImage"]]["mode"] = 4
+    with pytest.raises(WorkflowError, match="bypassed"):
+        ui_to_api(workflow, node_classes)
+    add_node(104, "SomeUninstalledNode", [])
+    with pytest.raises(WorkflowError, match="SomeUninstalledNode"):
+        ui_to_api(workflow, node_classes)

@@ -192,7 +192,7 @@ def make_tiny(prompt: dict, models_dir: Path, input_dir: Path, max_side: int = T
                 tiny.tiny_weights_for_name(path, tiny.tiny_sdxl(0))
         elif kind == "LoadImage":
             tiny.save_test_image(input_dir / inputs["image"])
-        elif kind == "EmptyLatentImage":
+        elif kind == "EmptyLatentImage" and all(isinstance(inputs.get(k), int) for k in ("width", "height")):
             scale = min(1.0, max_side / max(inputs["width"], inputs["height"]))
             inputs["width"], inputs["height"] = (max(64, int(inputs[k] * scale) // 8 * 8) for k in ("width", "height"))
         elif kind in ("KSampler", "KSamplerAdvanced") and isinstance(inputs.get("steps"), int):
