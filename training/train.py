@@ -172,27 +172,32 @@ def _freeze(module: nn.Module) -> None:
     module.requires_grad_(False).eval()
 
 
-def enable_gradient_checkpointing(diffusion_model: nn.Module) -> int:
-    """Recompute every BasicTransformerBlock in backward. The block's transformer_options are
-    snapshotted at call time: the UNet keeps mutating that dict ("block", "block_index"), and the
-    recomputation must see the layer key the first pass saw (the nested patch is looked up by it)."""
+def set_gradient_checkpointing(diffusion_model: nn.Module, on: bool) -> int:
+    """Recompute every BasicTransformerBlock in backward (on=False: run them normally again).
+
+    The block's transformer_options are snapshotted at call time: the UNet keeps mutating that
+    dict ("block", "block_index"), and the recomputation must see the layer key the first pass
+    saw (the nested patch is looked up by it)."""
     from comfy.ldm.modules.attention import BasicTransformerBlock
     from torch.utils.checkpoint import checkpoint
 
     count = 0
     for block in diffusion_model.modules():
-        if isinstance(block, BasicTransformerBlock) and not getattr(block, "_nested_ckpt", False):
+        if not isinstance(block, BasicTransformerBlock):
+            continue
+        if on and not hasattr(block, "_nested_ckpt"):
             original = block.forward
 
-            def forward(x, context=None, transformer_options={}, _original=original):
-                if not torch.is_grad_enabled():
+            def forward(x, context=None, transformer_options={}, _original=original, _block=block):
+                if not (_block._nested_ckpt and torch.is_grad_enabled()):
                     return _original(x, context=context, transformer_options=transformer_options)
                 snapshot = dict(transformer_options)
                 return checkpoint(lambda x_, c_: _original(x_, context=c_, transformer_options=snapshot), x, context, use_reentrant=False)
 
             block.forward = forward
-            block._nested_ckpt = True
-            count += 1
+        if hasattr(block, "_nested_ckpt") or on:
+            block._nested_ckpt = on
+        count += 1
     return count
 
 
@@ -229,8 +234,9 @@ def build_models(args: argparse.Namespace, device: torch.device, weight_dtype: t
     mm.load_models_gpu([patcher], force_full_load=True)
     frozen = Frozen(patcher, clip, clip_vision, vae, vision_encoder)
     diffusion_model = patcher.model.diffusion_model
+    blocks = set_gradient_checkpointing(diffusion_model, args.gradient_checkpointing)
     if args.gradient_checkpointing:
-        logger.info("gradient checkpointing on %d transformer blocks", enable_gradient_checkpointing(diffusion_model))
+        logger.info("gradient checkpointing on %d transformer blocks", blocks)
 
     if args.init_weights:
         start = core.load_weights(args.init_weights)
@@ -332,6 +338,14 @@ class NestedTrainer(nn.Module):
                 subject = patch_mod.Subject(weights=self.nested, tokens=tokens[j])
                 bound_cond = prompt_mod.bind_subject([[cond_i, {patch_mod.PROMPT_TOKENS: prompt_tokens}]], subject, word, 0)
                 uuid_map[uuids[i]] = bound_cond[0][1][patch_mod.BINDINGS]
+            # fill the step's projection cache before the UNet runs: inside a checkpointed block the
+            # first pass would compute them and the recomputation would not (a different graph)
+            model = self.frozen.model
+            like = torch.empty(0, device=x0.device, dtype=model.manual_cast_dtype or model.get_dtype())
+            for bindings in uuid_map.values():
+                for binding in bindings:
+                    for key in self.layer_keys:
+                        self.patch.projections(binding.subject, key, like)
         captured: list[Tensor] = []
 
         def capture_output(executor, *args, **kwargs):
@@ -629,6 +643,7 @@ def main(args: argparse.Namespace) -> dict:
         log("resumed from %s at step %d", resume_from, global_step)
 
     if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("nested_attention", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1))
     val_images = validation_images(args, dataset) if accelerator.is_main_process and args.validation_steps > 0 else []

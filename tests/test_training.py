@@ -1,0 +1,223 @@
+"""`python -m training.train` on the tiny models (CPU, 64² crops): it trains, resumes exactly,
+stops cleanly on a non-finite loss, runs as two gloo processes, and its export runs in the nodes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.host import PACK_ROOT, pack_module, setup_comfyui
+
+ROWS = 6
+
+
+@pytest.fixture(scope="module")
+def host():
+    setup_comfyui(cpu=True)
+    from training import train, tiny
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: a thread pool only spins, ~10x slower on a shared 2-core machine
+    yield train, tiny
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    """6 good (input, target, caption) triplets of odd sizes, plus 3 bad rows the run must skip."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(ROWS):
+        Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(root / f"ref{i}.png")
+        Image.fromarray(rng.integers(0, 255, (72, 64 + 16 * i, 3), dtype=np.uint8)).save(root / f"target{i}.jpg")
+        rows.append({"input": f"ref{i}.png", "target": f"target{i}.jpg", "caption": f"a photo of a person, picture {i}"})
+    rows += [
+        {"input": "gone.png", "target": "target0.jpg", "caption": "a person"},
+        {"input": "ref0.png", "target": "target0.jpg", "caption": "a cat on a sofa"},
+        {"input": "ref0.png", "target": "target0.jpg"},
+    ]
+    path = root / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _args(train, manifest: Path, out: Path, *extra: str):
+    return train.parse_args([
+        "--tiny", "--manifest", str(manifest), "--output-dir", str(out), "--resolution", "64", "--seed", "7",
+        "--dataloader-num-workers", "0", "--lr-warmup-steps", "1", "--learning-rate", "1e-3", "--report-to", "none",
+        "--validation-steps", "0", *extra,
+    ])
+
+
+def _run(train, manifest: Path, out: Path, *extra: str) -> dict:
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        return train.main(_args(train, manifest, out, *extra))
+    finally:  # several runs in one process: start each with a fresh accelerate state
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def _states(*modules) -> dict:
+    return {f"{i}.{k}": v.detach().clone() for i, m in enumerate(modules) for k, v in m.state_dict().items()}
+
+
+def test_train_export_and_run_in_the_nodes(host, manifest, tmp_path):
+    train, tiny = host
+    core = pack_module("nested_core")
+    frozen_before = _states(tiny.tiny_sdxl(0).model, tiny.tiny_clip(0).cond_stage_model,
+                            tiny.tiny_clip_vision(0).model, tiny.tiny_vae(0).first_stage_model)
+    out = tmp_path / "run"
+    export = tmp_path / "exported.safetensors"
+    result = _run(train, manifest, out, "--max-train-steps", "2", "--train-batch-size", "2", "--export", str(export),
+                  "--report-to", "tensorboard", "--validation-steps", "2", "--validation-prompts", "a portrait of a person",
+                  "--validation-lambdas", "1", "2", "--validation-sampling-steps", "1", "--validation-cfg", "1.0",
+                  "--validation-images", str(manifest.parent / "ref0.png"))
+    assert result["global_step"] == 2 and all(np.isfinite(v) for v in result["losses"].values())
+    assert result["bad_rows"] == 3  # reported and skipped, the run went on
+
+    # only the nested weights moved
+    frozen_after = _states(tiny.tiny_sdxl(0).model, tiny.tiny_clip(0).cond_stage_model,
+                           tiny.tiny_clip_vision(0).model, tiny.tiny_vae(0).first_stage_model)
+    assert all(torch.equal(frozen_before[k], frozen_after[k]) for k in frozen_before)
+    initial = tiny.make_tiny_weights(tiny.tiny_sdxl(0))  # the same architecture, untrained
+    weights = core.load_weights(export)
+    changed = {k.split(".")[0] for k, v in weights.state_dict().items() if not torch.equal(v, _fresh_init(train, tiny)[k])}
+    assert changed == {"qformer", "to_k", "to_v"}
+    assert weights.config.layers == initial.config.layers and len(weights.config.layers) == core.SDXL_LAYER_COUNT
+    _, metadata = core.read_config(export)
+    assert json.loads(metadata["training_args"])["max_train_steps"] == 2 and metadata["training_step"] == "2"
+
+    # progress artefacts: checkpoint with a ready-to-load weights file, validation grid, tensorboard, metrics
+    checkpoint = out / "checkpoints" / "checkpoint-00000002"
+    assert (checkpoint / "state.json").is_file() and core.load_weights(checkpoint / train.WEIGHTS_NAME).config == weights.config
+    grid = Image.open(out / "validation" / "step_00000002.png")
+    assert grid.size == (64 * 3, 64)  # reference + λ ∈ {1, 2}
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+    # the export in the nodes: Encode Subject -> Bind Token -> Apply -> sample
+    import comfy.sample
+
+    apply_mod, subject_mod, prompt_mod, patch_mod = (pack_module(f"nodes.{m}") for m in ("apply", "subject", "prompt", "patch"))
+    clip, model = tiny.tiny_clip(0), tiny.tiny_sdxl(0)
+    image = torch.from_numpy(np.asarray(Image.open(manifest.parent / "ref1.png"), dtype=np.float32) / 255)[None]
+    subject = subject_mod.encode_subject(weights, tiny.tiny_clip_vision(0), image)
+    tokens = clip.tokenize("a person in the snow")
+    positive = [[c, {**d, patch_mod.PROMPT_TOKENS: prompt_mod.PromptTokens.from_tokens(tokens, clip.tokenizer)}]
+                for c, d in clip.encode_from_tokens_scheduled(tokens)]
+    bound = prompt_mod.bind_subject(positive, subject, "person", 0)
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, 3)
+
+    def sample(m, cond):
+        return comfy.sample.sample(m, noise, 2, 1.0, "euler", "normal", cond, cond, latent, seed=3, disable_pbar=True)
+
+    personalised, plain = sample(apply_mod.apply_nested_attention(model), bound), sample(model, positive)
+    assert torch.isfinite(personalised).all() and not torch.allclose(personalised, plain)
+
+
+def _fresh_init(train, tiny) -> dict:
+    """The run's initial weights, rebuilt the way build_models makes them (seed 7)."""
+    core = pack_module("nested_core")
+    unet = tiny.tiny_sdxl(0).model.diffusion_model
+    config = core.default_config(unet, vision_encoder="tiny-test-ViT", vision_dim=tiny.VISION_DIM, vision_tokens=tiny.VISION_TOKENS,
+                                 num_queries=8, qformer_dim=32, qformer_depth=1, qformer_heads=4, domain="faces")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        model = core.NestedAttentionModel(config)
+    model.init_projections_from(unet)
+    return model.state_dict()
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(host, manifest, tmp_path, monkeypatch):
+    train, _ = host
+    common = ("--max-train-steps", "4", "--checkpointing-steps", "2", "--gradient-accumulation-steps", "2",
+              "--ema-decay", "0.9", "--lr-scheduler", "cosine")  # 6 rows, accumulation 2: step 4 is in epoch 2
+    straight = _run(train, manifest, tmp_path / "straight", *common)
+
+    calls = {"n": 0}
+    real_step = train.training_step
+
+    def killed_in_step_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # first micro-batch of step 3, after the step-2 checkpoint
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **k)
+
+    crashed = tmp_path / "crashed"
+    monkeypatch.setattr(train, "training_step", killed_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(train, manifest, crashed, *common)
+    monkeypatch.setattr(train, "training_step", real_step)
+    assert [p.name for p in train.list_checkpoints(crashed)] == ["checkpoint-00000002"]
+
+    resumed = _run(train, manifest, crashed, *common, "--resume", "latest")
+    assert resumed["losses"] == {3: straight["losses"][3], 4: straight["losses"][4]}  # exactly, not approximately
+    first = [json.loads(line)["loss"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert first[:2] == [straight["losses"][1], straight["losses"][2]]
+    a, b = (pack_module("nested_core").load_weights(r["export"]).state_dict() for r in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # model, optimizer, schedule and EMA all continued exactly
+
+
+def test_gradient_checkpointing_changes_nothing(host, manifest, tmp_path):
+    """Recomputed blocks must see the layer keys of the first pass (the patch is looked up by them)."""
+    train, _ = host
+    runs = [_run(train, manifest, tmp_path / str(flag), "--max-train-steps", "2", *flag)
+            for flag in ((), ("--gradient-checkpointing",))]
+    assert runs[0]["losses"] == runs[1]["losses"]
+    a, b = (pack_module("nested_core").load_weights(r["export"]).state_dict() for r in runs)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(host, manifest, tmp_path, monkeypatch):
+    train, _ = host
+    real_step = train.training_step
+    calls = {"n": 0}
+
+    def diverges_at_step_2(*a, **k):
+        calls["n"] += 1
+        loss = real_step(*a, **k)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(train, "training_step", diverges_at_step_2)
+    out = tmp_path / "nan"
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite at step 2.*checkpoint-00000001"):
+        _run(train, manifest, out, "--max-train-steps", "3", "--checkpointing-steps", "1")
+    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-00000001"]
+    assert not list((out / "checkpoints").glob("*.tmp")) and not (out / train.WEIGHTS_NAME).exists()
+    weights = pack_module("nested_core").load_weights(out / "checkpoints" / "checkpoint-00000001" / train.WEIGHTS_NAME)
+    assert all(torch.isfinite(v).all() for v in weights.state_dict().values())
+
+
+def test_two_gloo_processes_write_a_valid_checkpoint(host, manifest, tmp_path):
+    out = tmp_path / "ddp"
+    # accelerate 1.x: `launch --cpu --num_processes 2` starts ONE process (its simple launcher); torchrun via
+    # --multi_gpu plus ACCELERATE_USE_CPU=1 gives two gloo processes (DistributedType.MULTI_CPU)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PACK_ROOT), "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training.train",
+           *[a for a in _argv(manifest, out)], "--max-train-steps", "2"]
+    proc = subprocess.run(cmd, cwd=PACK_ROOT, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    checkpoint = out / "checkpoints" / "checkpoint-00000002"
+    assert {"model.safetensors", "random_states_0.pkl", "random_states_1.pkl", "state.json", "nested_attention.safetensors"} <= {
+        p.name for p in checkpoint.iterdir()}
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["world_size"] == 2 and state["epoch"] == 0 and state["batches_done_in_epoch"] == 2  # 6 rows / (2 × 1): 3 steps an epoch
+    weights = pack_module("nested_core").load_weights(out / "nested_attention.safetensors")
+    assert len(weights.config.layers) == 70
+
+
+def _argv(manifest: Path, out: Path) -> list[str]:
+    return ["--tiny", "--manifest", str(manifest), "--output-dir", str(out), "--resolution", "64", "--dataloader-num-workers", "0",
+            "--report-to", "none", "--validation-steps", "0", "--lr-warmup-steps", "0"]
