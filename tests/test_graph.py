@@ -238,6 +238,17 @@ def test_shipped_workflow_converts_and_runs_tiny(host, name, tmp_path):
     assert Path(result.images[0]).parent == tmp_path
 
 
+def test_cli_says_tiny_runs_are_not_real_results(host, tmp_path, capsys):
+    from workflows import run
+
+    images = run.main([str(WORKFLOWS / "nested_attention_single_subject.json"), "--tiny", "--output", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "tiny RANDOM built-in models" in out and "not a real result" in out
+    assert len(images) == 1 and f"saved {images[0]}" in out
+    side = run.TINY_MAX_SIDE
+    assert Image.open(images[0]).size == (side, side)
+
+
 # --- (v) failures report the node's message ------------------------------------------------------------------
 def test_word_not_in_prompt_reports_the_node_error(host):
     from workflows.run import WorkflowError, run_prompt
