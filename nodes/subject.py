@@ -70,6 +70,8 @@ class CombineSubjects(io.ComfyNode):
     def execute(cls, subject_a: Subject, subject_b: Subject) -> io.NodeOutput:
         if subject_a.weights is not subject_b.weights:
             raise ValueError("both subjects must come from the same Load Nested Attention node: tokens of different weights do not mix")
+        if subject_a.lam != subject_b.lam:
+            raise ValueError(f"the subjects have different λ ({subject_a.lam}, {subject_b.lam}): combine first, then set λ with Attention Scale λ")
         tokens = torch.cat([subject_a.tokens, subject_b.tokens])
         return io.NodeOutput(Subject(weights=subject_a.weights, tokens=tokens, lam=subject_a.lam))
 

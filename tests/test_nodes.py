@@ -64,6 +64,8 @@ def test_combining_subjects_of_different_weights_is_refused(weights):
     a, b = patch_mod.Subject(weights, torch.zeros(8, 64)), patch_mod.Subject(other, torch.zeros(8, 64))
     with pytest.raises(ValueError, match="same Load Nested Attention node"):
         subject_mod.CombineSubjects.execute(a, b)
+    with pytest.raises(ValueError, match="different λ.*combine first, then set λ"):
+        subject_mod.CombineSubjects.execute(a, a.with_lambda(2.0))
 
 
 def test_empty_image_batch_is_refused(weights):
