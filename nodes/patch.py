@@ -94,6 +94,13 @@ class NestedAttentionPatch:
             self._cache[cache_key] = subject.weights.project(key, subject.tokens.to(like.device, like.dtype))
         return self._cache[cache_key]
 
+    def precompute(self, bindings, like: Tensor) -> None:
+        """Fill this run's cache for every layer now, e.g. before gradient-checkpointed blocks run
+        (a projection first computed inside one would be missing from its recomputation)."""
+        for b in bindings:
+            for key in self.layers or b.subject.weights.config.layers:
+                self.projections(b.subject, key, like)
+
     # --- host wrappers ------------------------------------------------------------------------------
     def check_bindings(self, bindings) -> None:
         """Before sampling: every bound subject's weights must cover exactly the patched model's layers."""
@@ -116,11 +123,13 @@ class NestedAttentionPatch:
             return executor(*args, **kwargs)
 
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
-        uuid_map = {c["uuid"]: c[BINDINGS] for group in conds for c in (group or []) if c.get(BINDINGS)}
-        if uuid_map:
-            model_options = model_options.copy()
-            to = model_options["transformer_options"] = model_options.get("transformer_options", {}).copy()
-            to[UUID_MAP] = uuid_map
+        # the start/end window is decided here, once per batch: one device sync, not one per layer call
+        if self.sigma_end <= float(timestep.max()) <= self.sigma_start:
+            uuid_map = {c["uuid"]: c[BINDINGS] for group in conds for c in (group or []) if c.get(BINDINGS)}
+            if uuid_map:
+                model_options = model_options.copy()
+                to = model_options["transformer_options"] = model_options.get("transformer_options", {}).copy()
+                to[UUID_MAP] = uuid_map
         return executor(model, conds, x_in, timestep, model_options)
 
     # --- the attn2 replace patch ----------------------------------------------------------------------
@@ -134,18 +143,11 @@ class NestedAttentionPatch:
             q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
         )
 
-    def active(self, extra_options: dict) -> bool:
-        sigmas = extra_options.get("sigmas")
-        if sigmas is None:
-            return True
-        sigma = float(sigmas.max())
-        return self.sigma_end <= sigma <= self.sigma_start
-
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
         key = (*extra_options["block"], extra_options.get("block_index", 0))
         base = self.base_attention(key, q, k, v, extra_options)
         uuid_map = extra_options.get(UUID_MAP)
-        if not uuid_map or not self.active(extra_options):
+        if not uuid_map:  # no bound conditioning in this batch, or outside the start/end window
             return base
         uuids = extra_options["uuids"]
         rows = q.shape[0] // len(uuids)

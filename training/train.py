@@ -343,9 +343,7 @@ class NestedTrainer(nn.Module):
             model = self.frozen.model
             like = torch.empty(0, device=x0.device, dtype=model.manual_cast_dtype or model.get_dtype())
             for bindings in uuid_map.values():
-                for binding in bindings:
-                    for key in self.layer_keys:
-                        self.patch.projections(binding.subject, key, like)
+                self.patch.precompute(bindings, like)
         captured: list[Tensor] = []
 
         def capture_output(executor, *args, **kwargs):
