@@ -1,0 +1,1 @@
+"""Benchmarks for the nested-attention pack (run as modules, e.g. `python -m benchmarks.overhead`)."""
