@@ -95,43 +95,42 @@ def nested_attention(
             return base
         plain = F.scaled_dot_product_attention(_heads(q, heads), _heads(k, heads), _heads(v, heads))
         return rearrange(plain, "b h n d -> b n (h d)")
-    scale = (q.shape[2] // heads) ** -0.5
+    b, n, c = q.shape
+    scale = (c // heads) ** -0.5
     acc = torch.promote_types(q.dtype, torch.float32)  # softmax and sums in float32 (float64 stays float64)
     kh = _heads(k, heads).to(acc)  # [b,h,T,d]
     vh = _heads(v, heads).to(acc)
     any_boost = any(s.lam != 1.0 for s in subjects)
-    # per subject, computed once for all chunks
-    nested_k = [_heads(s.keys.to(q.dtype)[None], heads) for s in subjects]  # [1,h,M,d]
-    nested_v = [_heads(s.values.to(q.dtype)[None], heads) for s in subjects]
-    sub_v = [vh[:, :, list(s.positions)] for s in subjects]  # V[s]: [b,h,S,d]
-    sub_norm = [v[:, list(s.positions)].to(acc).norm(dim=-1) for s in subjects]  # |V[s]|: [b,S]
+    # per subject, once for all chunks
+    index = [torch.as_tensor(list(s.positions), device=q.device) for s in subjects]
+    nested_k = [_heads(s.keys.to(q.dtype)[None], heads).expand(b, -1, -1, -1) for s in subjects]  # [b,h,M,d]
+    nested_v = [_heads(s.values.to(q.dtype)[None], heads).expand(b, -1, -1, -1) for s in subjects]
+    sub_v = [vh.index_select(2, i) for i in index]  # V[s]: [b,h,S,d]
+    # α·|V[s]| (one norm per token over the whole inner dim, all heads together): [b,1,1,S]
+    target = [None if s.alpha is None else s.alpha * v.index_select(1, i).to(acc).norm(dim=-1)[:, None, None, :]
+              for s, i in zip(subjects, index)]
 
-    out_chunks = []
-    for start in range(0, q.shape[1], query_chunk):
+    result = torch.empty_like(q)
+    for start in range(0, n, query_chunk):
         qc = _heads(q[:, start : start + query_chunk], heads)  # [b,h,n,d]
         logits = torch.einsum("bhnd,bhtd->bhnt", qc.to(acc), kh) * scale  # [b,h,n,T]
         probs = _boosted_logits(logits, subjects).softmax(dim=-1)
         if base is None:
-            out = torch.einsum("bhnt,bhtd->bhnd", probs, vh)
+            out = probs @ vh
         else:
             out = _heads(base[:, start : start + query_chunk], heads).to(acc)
             if any_boost:  # λ also renormalises every other token's weight
-                out = out + torch.einsum("bhnt,bhtd->bhnd", probs - logits.softmax(dim=-1), vh)
-        for s, nk, nv, vs, ns in zip(subjects, nested_k, nested_v, sub_v, sub_norm):
-            p_s = probs[..., list(s.positions)]  # [b,h,n,S]
-            nested = F.scaled_dot_product_attention(qc, nk.expand(qc.shape[0], -1, -1, -1), nv.expand(qc.shape[0], -1, -1, -1))
-            nested = nested.to(acc)  # v*_q: [b,h,n,d]
-            if s.alpha is None:
-                weight = p_s.sum(dim=-1, keepdim=True)  # [b,h,n,1]
-            else:
-                # one norm per query over the whole inner dim (all heads together)
-                q_norm = nested.square().sum(dim=(1, 3), keepdim=True).sqrt().clamp_min(torch.finfo(acc).tiny)
-                nested = nested / q_norm
-                weight = (p_s * (s.alpha * ns)[:, None, None, :]).sum(dim=-1, keepdim=True)
-            out = out + nested * weight - torch.einsum("bhns,bhsd->bhnd", p_s, vs)
-        out_chunks.append(out)
-    out = torch.cat(out_chunks, dim=2).to(q.dtype)
-    return rearrange(out, "b h n d -> b n (h d)")
+                out = out + (probs - logits.softmax(dim=-1)) @ vh
+        for i, nk, nv, vs, t in zip(index, nested_k, nested_v, sub_v, target):
+            p_s = probs.index_select(-1, i)  # [b,h,n,S]
+            nested = F.scaled_dot_product_attention(qc, nk, nv).to(acc)  # v*_q: [b,h,n,d]
+            weight = p_s.sum(dim=-1, keepdim=True)  # [b,h,n,1]
+            if t is not None:  # rescale v*_q to α|V[s]|: folded into the per-query weight
+                norm = torch.linalg.vector_norm(nested, dim=(1, 3), keepdim=True).clamp_min(torch.finfo(acc).tiny)
+                weight = (p_s * t).sum(dim=-1, keepdim=True) / norm
+            out = torch.addcmul(out, nested, weight).sub_(p_s @ vs)  # + P[:,s]·v*_q − P[:,s]·V[s]
+        result[:, start : start + query_chunk] = rearrange(out, "b h n d -> b n (h d)")
+    return result
 
 
 def nested_attention_naive(q: Tensor, k: Tensor, v: Tensor, subjects: Sequence[NestedKV], *, heads: int) -> Tensor:

@@ -151,7 +151,9 @@ class NestedAttentionPatch:
             return base
         uuids = extra_options["uuids"]
         rows = q.shape[0] // len(uuids)
-        pieces, changed = [], False
+        # at inference the fresh base output is updated in place; with autograd (training) it is rebuilt
+        out = base if not torch.is_grad_enabled() else None
+        pieces = []
         for j, uuid in enumerate(uuids):
             part = slice(j * rows, (j + 1) * rows)
             bindings = uuid_map.get(uuid)
@@ -168,8 +170,8 @@ class NestedAttentionPatch:
                 )
                 for b in bindings
             ]
-            pieces.append(
-                nested_attention(q[part], k[part], v[part], subjects, heads=extra_options["n_heads"], base=base[part], query_chunk=self.query_chunk)
-            )
-            changed = True
-        return torch.cat(pieces) if changed else base
+            nested = nested_attention(q[part], k[part], v[part], subjects, heads=extra_options["n_heads"], base=base[part], query_chunk=self.query_chunk)
+            if out is not None:
+                out[part] = nested
+            pieces.append(nested)
+        return out if out is not None else torch.cat(pieces)
