@@ -505,7 +505,43 @@ def weights_to_export(nested: nn.Module, ema: EMA | None) -> nn.Module:
     return out
 
 
-def save_checkpoint(accelerator, args, nested, ema, state: dict) -> Path:
+TRAINING_STATE_NAME = "training_state.safetensors"  # trained weights + optimizer tensors; JSON metadata for the rest
+
+
+def save_training_state(path: Path, nested: nn.Module, optimizer, scaler) -> None:
+    """What resume needs beyond state.json, without pickle: tensors in safetensors, the rest as JSON metadata.
+
+    No RNG state is stored: every random draw is a function of (seed, epoch/step, rank, row)."""
+    from safetensors.torch import save_file
+
+    opt = optimizer.state_dict()
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in nested.state_dict().items()}
+    for index, param_state in opt["state"].items():
+        for name, value in param_state.items():
+            tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    metadata = {"param_groups": json.dumps(opt["param_groups"]), "scaler": json.dumps(scaler.state_dict() if scaler else None)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_training_state(path: Path, nested: nn.Module, optimizer, scaler) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    nested.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    scaler_state = json.loads(metadata["scaler"])
+    if scaler is not None and scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
+
+
+def save_checkpoint(accelerator, args, nested, optimizer, ema, state: dict) -> Path:
     """Written under a .tmp name and renamed when complete: a crash never leaves a half checkpoint as 'latest'."""
     core = pack_module("nested_core")
     root = Path(args.output_dir) / "checkpoints"
@@ -515,8 +551,8 @@ def save_checkpoint(accelerator, args, nested, ema, state: dict) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)  # every process: its RNG state; main: weights, optimizer
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # weights and optimizer are identical on every rank after the all-reduce
+        save_training_state(tmp / TRAINING_STATE_NAME, nested, optimizer, accelerator.scaler)
         if ema is not None:
             ema.save(tmp / "ema.safetensors")
         core.save_weights(weights_to_export(nested, ema), tmp / WEIGHTS_NAME,
@@ -619,7 +655,7 @@ def main(args: argparse.Namespace) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = EMA(nested, args.ema_decay) if args.ema_decay > 0 else None
 
-    # resume: weights, optimizer and RNG through accelerate; step, data position, schedule from state.json
+    # resume: weights and optimizer from training_state.safetensors; step, data position, schedule from state.json
     global_step = 0
     resume_from = None
     if args.resume == "latest":
@@ -631,7 +667,7 @@ def main(args: argparse.Namespace) -> dict:
         resume_from = Path(args.resume)
     if resume_from is not None:
         state = json.loads((resume_from / STATE_NAME).read_text())
-        accelerator.load_state(str(resume_from))
+        load_training_state(resume_from / TRAINING_STATE_NAME, nested, optimizer, accelerator.scaler)
         lr_scheduler.load_state_dict(state["scheduler"])
         if ema is not None and (resume_from / "ema.safetensors").is_file():
             ema.load(resume_from / "ema.safetensors")
@@ -707,7 +743,7 @@ def main(args: argparse.Namespace) -> dict:
                         accelerator.log({"train/loss": step_loss, "train/lr": lr, "train/samples_per_s": samples_per_s,
                                          "data/bad_rows": report.bad + bad_runtime, "train/epoch": epoch}, step=global_step)
                 if global_step % args.checkpointing_steps == 0 or global_step == max_steps:
-                    last_checkpoint = save_checkpoint(accelerator, args, nested, ema, state_dict())
+                    last_checkpoint = save_checkpoint(accelerator, args, nested, optimizer, ema, state_dict())
                 if args.validation_steps > 0 and (global_step % args.validation_steps == 0 or global_step == max_steps):
                     if accelerator.is_main_process and val_images:
                         path = run_validation(args, accelerator, frozen, nested, ema, val_images, global_step)
