@@ -242,3 +242,19 @@ def test_lambda_must_be_at_least_one(model):
     for bad in (0.5, math.nan, math.inf):
         with pytest.raises(ValueError, match="λ must be a finite number ≥ 1"):
             subject.with_lambda(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_runs_in_the_model_dtype(clip, dtype):
+    """Half-precision UNet: projections and nested values follow the model's dtype, softmax stays float32."""
+    model = tiny.build_tiny_sdxl(0, dtype=dtype)
+    weights = tiny.make_tiny_weights(model)
+    seen = []
+    original = weights.project
+    weights.project = lambda key, tokens: seen.append(tokens.dtype) or original(key, tokens)
+    positive, negative = encode(clip, "a person"), encode(clip, "")
+    bound = prompt_mod.bind_subject(positive, patch_mod.Subject(weights, torch.randn(8, 64) * 3), "person", 0)
+    patched = sample(apply_mod.apply_nested_attention(model), bound, negative, steps=2)
+    plain = sample(model, positive, negative, steps=2)
+    assert set(seen) == {dtype} and len(seen) == 70
+    assert torch.isfinite(patched).all() and (patched - plain).abs().max() > 1e-2
