@@ -52,13 +52,6 @@ SDXL_UNET = dict(
     transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
     transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_attention=False, use_temporal_resblock=False,
 )
-TINY_UNET = dict(
-    use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False, num_classes="sequential",
-    adm_in_channels=32 + 1536, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[2, 2, 2],
-    channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
-    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_linear_in_transformer=True, context_dim=64,
-    use_temporal_attention=False, use_temporal_resblock=False,
-)
 TARGET_STEP = {"cpu": (1.05, 512), "cuda": (1.10, 1024)}
 TARGET_MEMORY = 1.10
 BOUND_POSITION = 5  # the bound token's index in the 77-token positive context
@@ -121,21 +114,12 @@ def build_unet(tiny: bool, device: torch.device, dtype: torch.dtype):
     import comfy.supported_models
 
     if tiny:
-        try:  # the project's tiny builder, when present
-            from training.tiny import build_tiny_sdxl
+        from training.tiny import build_tiny_sdxl
 
-            patcher = build_tiny_sdxl(0, dtype=dtype)
-            patcher.model.to(device)
-            return patcher, "training.tiny.build_tiny_sdxl"
-        except ImportError:
-            pass
-
-        class TinySDXL(comfy.supported_models.SDXL):
-            unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
-
-        config, source = TinySDXL(dict(TINY_UNET)), "local tiny SDXL-layout builder"
-    else:
-        config, source = comfy.supported_models.SDXL(dict(SDXL_UNET)), "comfy.supported_models.SDXL, real SDXL unet config"
+        patcher = build_tiny_sdxl(0, dtype=dtype)
+        patcher.model.to(device)
+        return patcher, "training.tiny.build_tiny_sdxl"
+    config, source = comfy.supported_models.SDXL(dict(SDXL_UNET)), "comfy.supported_models.SDXL, real SDXL unet config"
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=device)
     fill_random(model.diffusion_model)
@@ -150,23 +134,7 @@ def tensor_bytes(tensors) -> int:
 # --- patching (the Apply node's own code) ----------------------------------------------------------
 def apply_patch(model):
     """(patched clone, its NestedAttentionPatch), installed exactly as the Apply node does."""
-    patch_mod = pack_module("nodes.patch")
-    try:
-        apply_nested_attention = pack_module("nodes.apply").apply_nested_attention
-    except ImportError:  # the nodes need the V3 API; fall back to the same steps by hand
-        apply_nested_attention = None
-    if apply_nested_attention is not None:
-        m = apply_nested_attention(model, 0.0, 1.0)
-    else:
-        import comfy.patcher_extension
-
-        keys = list(pack_module("nested_core").attn2_layers(model.model.diffusion_model))
-        m = model.clone()
-        p = patch_mod.NestedAttentionPatch()
-        for key in keys:
-            m.set_model_attn2_replace(p, *key)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, patch_mod.WRAPPER_KEY, p.outer_sample)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, patch_mod.WRAPPER_KEY, p.calc_cond_batch)
+    m = pack_module("nodes.apply").apply_nested_attention(model, 0.0, 1.0)
     patches = {id(p): p for p in m.model_options["transformer_options"]["patches_replace"]["attn2"].values()}
     assert len(patches) == 1, "expected one NestedAttentionPatch object on every attn2 key"
     return m, next(iter(patches.values()))
