@@ -67,7 +67,7 @@ class NestedAttentionPatch:
         self.layers = set(layers or ())  # the layer keys this patch is installed on
         self.previous = dict(previous or {})  # layer key -> an earlier attn2 replace patch, chained
         self.query_chunk = query_chunk
-        self._cache: dict[tuple[int, LayerKey], tuple[Tensor, Tensor]] = {}
+        self._cache: dict[tuple[int, LayerKey], tuple[Subject, Tensor, Tensor]] = {}
 
     def __deepcopy__(self, memo):
         # ComfyUI 0.3.x deep-copies model_options on every clone; one patch (and cache) per Apply node is what we want
@@ -84,15 +84,16 @@ class NestedAttentionPatch:
             self._cache.clear()  # frees the device copies: no VRAM kept after a run
 
     def projections(self, subject: Subject, key: LayerKey, like: Tensor) -> tuple[Tensor, Tensor]:
-        cache_key = (id(subject), key)
-        if cache_key not in self._cache:
+        cached = self._cache.get((id(subject), key))
+        if cached is None or cached[0] is not subject:  # `is`: an id can be reused once a subject is freed
             if key not in subject.weights.config.layers:
                 raise ValueError(
                     f"the nested-attention weights have no layer {key}: they were made for another model "
                     f"({subject.weights.config.base_model}, {len(subject.weights.config.layers)} layers)"
                 )
-            self._cache[cache_key] = subject.weights.project(key, subject.tokens.to(like.device, like.dtype))
-        return self._cache[cache_key]
+            cached = (subject, *subject.weights.project(key, subject.tokens.to(like.device, like.dtype)))
+            self._cache[(id(subject), key)] = cached
+        return cached[1], cached[2]
 
     def precompute(self, bindings, like: Tensor) -> None:
         """Fill this run's cache for every layer now, e.g. before gradient-checkpointed blocks run
