@@ -406,7 +406,7 @@ def main(argv=None) -> int:
             like = torch.empty(0, device=device, dtype=dtype)
             clock = Clock(device)
             t_proj, _ = clock.time(lambda: [patch.projections(subject, key, like) for key in keys])
-            cache_bytes = tensor_bytes(t for kv in patch._cache.values() for t in kv)
+            cache_bytes = patch.cache_nbytes
             results.setdefault("projections", {})[m_tokens] = {"seconds": t_proj, "cache_bytes": cache_bytes}
             print(f"M={m_tokens}: projections for {len(keys)} layers ({proj_params / 1e6:.0f} M params, {m_tokens} tokens) "
                   f"computed once per run in {t_proj * 1000:.0f} ms; cache {fmt_bytes(cache_bytes)}")

@@ -95,6 +95,11 @@ class NestedAttentionPatch:
             self._cache[(id(subject), key)] = cached
         return cached[1], cached[2]
 
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes of nested keys/values held for the current run (0 outside a run)."""
+        return sum(t.numel() * t.element_size() for _, *kv in self._cache.values() for t in kv)
+
     def precompute(self, bindings, like: Tensor) -> None:
         """Fill this run's cache for every layer now, e.g. before gradient-checkpointed blocks run
         (a projection first computed inside one would be missing from its recomputation)."""

@@ -170,7 +170,7 @@ def test_projections_computed_once_per_run_and_dropped_after(model, clip, monkey
     sample(patched, positive, encode(clip, ""), steps=4)
     assert sorted(calls) == sorted(SDXL_KEYS * 2)  # 70 layers × 2 subjects, not × steps × cond rows
     patch = patched.model_options["transformer_options"]["patches_replace"]["attn2"][SDXL_KEYS[0]]
-    assert patch._cache == {}  # nothing kept on the device after the run
+    assert patch.cache_nbytes == 0  # nothing kept on the device after the run
 
 
 def test_chains_an_earlier_attn2_patch(model64, clip):
