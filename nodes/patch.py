@@ -67,7 +67,7 @@ class NestedAttentionPatch:
         self.layers = set(layers or ())  # the layer keys this patch is installed on
         self.previous = dict(previous or {})  # layer key -> an earlier attn2 replace patch, chained
         self.query_chunk = query_chunk
-        self._cache: dict[tuple[int, LayerKey], tuple[Subject, Tensor, Tensor]] = {}
+        self._cache: dict[tuple[int, LayerKey | str], tuple] = {}  # (id, layer) -> (subject, K̆, V̆); (id, 'tokens') -> (subject, E)
 
     def __deepcopy__(self, memo):
         # ComfyUI 0.3.x deep-copies model_options on every clone; one patch (and cache) per Apply node is what we want
@@ -91,7 +91,10 @@ class NestedAttentionPatch:
                     f"the nested-attention weights have no layer {key}: they were made for another model "
                     f"({subject.weights.config.base_model}, {len(subject.weights.config.layers)} layers)"
                 )
-            cached = (subject, *subject.weights.project(key, subject.tokens.to(like.device, like.dtype)))
+            tokens = self._cache.get((id(subject), "tokens"))
+            if tokens is None or tokens[0] is not subject:  # moved to the device once per run, not once per layer
+                tokens = self._cache[(id(subject), "tokens")] = (subject, subject.tokens.to(like.device, like.dtype))
+            cached = (subject, *subject.weights.project(key, tokens[1]))
             self._cache[(id(subject), key)] = cached
         return cached[1], cached[2]
 
