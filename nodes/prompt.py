@@ -33,6 +33,10 @@ class PromptTokens:
     def context_len(self) -> int:
         return sum(len(c) for c in self.chunks)
 
+    def positions(self, word: str, occurrence: int = 0) -> list[int]:
+        """Context indices of `word` in this prompt (0 = every occurrence, n = the n-th); ValueError names the fix."""
+        return find_token_positions(self.chunks, self.word_ids(word), word=word, occurrence=occurrence)
+
     def word_ids(self, word: str) -> list[int]:
         """The word's token ids, tokenised exactly like the prompt (BOS, EOS and padding dropped)."""
         tokens = self.tokenizer.tokenize_with_weights(word)
@@ -66,10 +70,14 @@ class EncodePrompt(io.ComfyNode):
     def execute(cls, clip, text: str) -> io.NodeOutput:
         if clip is None:
             raise ValueError("clip input is empty: connect the CLIP output of your checkpoint loader")
-        tokens = clip.tokenize(text)
-        conditioning = clip.encode_from_tokens_scheduled(tokens)
-        prompt_tokens = PromptTokens.from_tokens(tokens, clip.tokenizer)
-        return io.NodeOutput([[cond, {**extras, PROMPT_TOKENS: prompt_tokens}] for cond, extras in conditioning])
+        return io.NodeOutput(encode_prompt(clip, text))
+
+
+def encode_prompt(clip, text: str) -> list:
+    """CLIPTextEncode's conditioning, each entry also carrying the prompt's tokens for Bind Token."""
+    tokens = clip.tokenize(text)
+    prompt_tokens = PromptTokens.from_tokens(tokens, clip.tokenizer)
+    return [[cond, {**extras, PROMPT_TOKENS: prompt_tokens}] for cond, extras in clip.encode_from_tokens_scheduled(tokens)]
 
 
 def bind_subject(conditioning: list, subject: Subject, word: str, occurrence: int) -> list:
@@ -93,7 +101,7 @@ def bind_subject(conditioning: list, subject: Subject, word: str, occurrence: in
                 f"the weights were made for a {subject.weights.config.context_dim}-wide text context "
                 f"({subject.weights.config.base_model}); this prompt's encoder gives {cond.shape[2]}: use the matching checkpoint"
             )
-        positions = find_token_positions(tokens.chunks, tokens.word_ids(word), word=word, occurrence=occurrence)
+        positions = tokens.positions(word, occurrence)
         bindings = extras.get(BINDINGS, ())
         taken = {p for b in bindings for p in b.positions} & set(positions)
         if taken:

@@ -70,7 +70,9 @@ class ManifestReport:
 
 
 def contains_word(caption: str, word: str) -> bool:
-    """The word as a whole word, case-insensitively (CLIP lower-cases; "persons" is not "person")."""
+    """The word as a whole word, case-insensitively (CLIP lower-cases; "persons" is not "person").
+
+    A host-free pre-check for `validate`; training then checks every caption with the token finder itself."""
     return re.search(rf"(?<![\w]){re.escape(word.lower())}(?![\w])", caption.lower()) is not None
 
 

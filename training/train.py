@@ -373,13 +373,13 @@ class NestedTrainer(nn.Module):
 def build_data(args: argparse.Namespace, frozen: Frozen, log=print):
     """The checked manifest rows and the dataset. Rows whose caption lacks the word as a token are
     left out here too (the same finder as Bind Token), so no row can fail mid-epoch for that."""
-    core, prompt_mod = pack_module("nested_core"), pack_module("nodes.prompt")
+    prompt_mod = pack_module("nodes.prompt")
     report = data_lib.read_manifest(args.manifest, default_word=args.word, check_images=not args.skip_image_check)
     rows = []
     for row in report.rows:
         tokens = prompt_mod.PromptTokens.from_tokens(frozen.clip.tokenize(row.caption), frozen.clip.tokenizer)
         try:
-            core.find_token_positions(tokens.chunks, tokens.word_ids(row.word), word=row.word)
+            tokens.positions(row.word)
         except ValueError as e:
             report.skip(row.line, f"caption lacks its word: {e}")
             continue
@@ -578,20 +578,17 @@ def validation_grid(args, frozen: Frozen, weights, images: list, device) -> Tens
     res = args.validation_resolution or args.resolution
     model = apply_mod.apply_nested_attention(frozen.patcher)
 
-    def encode(text):
-        tokens = frozen.clip.tokenize(text)
-        extra = prompt_mod.PromptTokens.from_tokens(tokens, frozen.clip.tokenizer)
-        return [[c, {**d, patch_mod.PROMPT_TOKENS: extra}] for c, d in frozen.clip.encode_from_tokens_scheduled(tokens)]
-
     negative = frozen.clip.encode_from_tokens_scheduled(frozen.clip.tokenize(args.validation_negative))
     rows = []
     for image in images:
         subject = subject_mod.encode_subject(weights, frozen.clip_vision, image[None])
         ref = F.interpolate(image[None].movedim(-1, 1), size=(res, res), mode="bilinear", antialias=True).movedim(1, -1)[0]
         for prompt in args.validation_prompts:
-            if not data_lib.contains_word(prompt, weights.config.bound_word):
-                prompt = f"{prompt}, a {weights.config.bound_word}"
-            positive = encode(prompt)
+            positive = prompt_mod.encode_prompt(frozen.clip, prompt)
+            try:
+                positive[0][1][patch_mod.PROMPT_TOKENS].positions(weights.config.bound_word)
+            except ValueError:  # a fixed validation prompt without the trained word: append it
+                positive = prompt_mod.encode_prompt(frozen.clip, f"{prompt}, a {weights.config.bound_word}")
             tiles = [ref.cpu()]
             for lam in args.validation_lambdas:
                 bound = prompt_mod.bind_subject(positive, subject.with_lambda(lam), weights.config.bound_word, 0)
