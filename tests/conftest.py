@@ -43,26 +43,21 @@ def tiny_models():
 @pytest.fixture(scope="session")
 def tiny_files(node_classes, tiny_models, tmp_path_factory):
     """Tiny weights files (faces binds 'person', pets binds 'dog') and reference photos where the host looks
-    for them, and a private output dir; the host's folders are restored afterwards."""
+    for them (the runner's own --tiny environment), and a private output dir; all restored afterwards."""
     import folder_paths
 
     from training import tiny
+    from workflows import run
 
-    root = tmp_path_factory.mktemp("host")
-    models, inputs, outputs = root / "models" / "nested_attention", root / "input", root / "output"
-    for d in (models, inputs, outputs):
-        d.mkdir(parents=True)
-    for name in (FACES, PETS):
-        tiny.tiny_weights_for_name(models / name, tiny_models.unet)
-    for name in IMAGES:
-        tiny.save_test_image(inputs / name)
-
-    old_input, old_output = folder_paths.get_input_directory(), folder_paths.get_output_directory()
-    folder_paths.add_model_folder_path("nested_attention", str(models), is_default=True)
-    folder_paths.set_input_directory(str(inputs))
-    folder_paths.set_output_directory(str(outputs))
-    yield SimpleNamespace(models=models, input=inputs, output=outputs)
-    folder_paths.folder_names_and_paths["nested_attention"][0].remove(str(models))
-    folder_paths.filename_list_cache.pop("nested_attention", None)  # it would stat the deleted folder
-    folder_paths.set_input_directory(old_input)
-    folder_paths.set_output_directory(old_output)
+    outputs = tmp_path_factory.mktemp("output")
+    old_output = folder_paths.get_output_directory()
+    with run.tiny_environment() as (models, inputs):
+        for name in (FACES, PETS):
+            tiny.tiny_weights_for_name(models / name, tiny_models.unet)
+        for name in IMAGES:
+            tiny.save_test_image(inputs / name)
+        folder_paths.set_output_directory(str(outputs))
+        try:
+            yield SimpleNamespace(models=models, input=inputs, output=outputs)
+        finally:
+            folder_paths.set_output_directory(old_output)
