@@ -33,7 +33,6 @@ import contextlib
 import copy
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -90,24 +89,6 @@ def machine(device: torch.device, dtype: torch.dtype) -> dict:
 
 # --- models ----------------------------------------------------------------------------------------
 @torch.no_grad()
-def fill_random(module: torch.nn.Module, seed: int = 0) -> None:
-    """Small random weights, fast, in place: U(±√(3/fan_in)) for weights (variance 1/fan_in keeps
-    activations O(1)), zero biases, identity norms. The host builds modules uninitialised."""
-    torch.manual_seed(seed)
-    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm)
-    for m in module.modules():
-        for name, p in m.named_parameters(recurse=False):
-            if isinstance(m, norms):
-                p.fill_(1.0 if name == "weight" else 0.0)
-            elif p.ndim >= 2:
-                bound = math.sqrt(3.0 / math.prod(p.shape[1:]))
-                p.uniform_(-bound, bound)
-            elif name == "bias":
-                p.zero_()
-            else:
-                p.uniform_(-0.02, 0.02)
-
-
 def build_unet(tiny: bool, device: torch.device, dtype: torch.dtype):
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -122,7 +103,9 @@ def build_unet(tiny: bool, device: torch.device, dtype: torch.dtype):
     config, source = comfy.supported_models.SDXL(dict(SDXL_UNET)), "comfy.supported_models.SDXL, real SDXL unet config"
     config.set_inference_dtype(dtype, None)
     model = config.get_model({}, device=device)
-    fill_random(model.diffusion_model)
+    from training.tiny import fill_deterministic  # the same seeded O(1)-activation init as the test models
+
+    fill_deterministic(model.diffusion_model, seed=0)
     patcher = comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
     return patcher, source
 
