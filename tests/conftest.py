@@ -8,10 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from training.host import setup_comfyui
+from training.host import host_nodes, setup_comfyui
 
 # before any test module imports comfy: model_management reads the CPU flag at import
 setup_comfyui(cpu=True)
+# the host's `nodes` module now, while the host comes first on sys.path: in a checkout named
+# custom_nodes/ComfyUI-NestedAttention pytest later puts the pack root (and its nodes/) in front
+host_nodes()
 if "OMP_NUM_THREADS" not in os.environ:
     # the tiny models' ops are too small to gain from threads, and on a shared 2-core machine
     # oversubscribed threads made a UNet forward 10x slower (1.3 s vs 0.11 s measured)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import FACES, PETS
-from training.host import pack_module
+from training.host import host_nodes, pack_module
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 SIDE = 64  # pixels: an 8x8 latent
@@ -120,7 +120,7 @@ class Attn2Recorder:
 
 @pytest.fixture(scope="module")
 def host(node_classes, tiny_files):
-    import nodes
+    nodes = host_nodes()
 
     nodes.NODE_CLASS_MAPPINGS["TestAttn2Recorder"] = Attn2Recorder
     yield tiny_files

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training.host import pack_module, setup_comfyui
+from training.host import host_nodes, pack_module, setup_comfyui
 
 setup_comfyui(cpu=True)
 
@@ -118,7 +118,7 @@ def test_bind_errors(weights, clip, text, word, occurrence, message):
 
 
 def test_bind_needs_the_nested_prompt_encoder(weights, clip):
-    import nodes
+    nodes = host_nodes()
 
     stock = nodes.CLIPTextEncode().encode(clip, "a person")[0]
     with pytest.raises(ValueError, match="no prompt tokens.*'Encode Prompt \\(Nested Attention\\)'"):

@@ -5,7 +5,7 @@ import uuid
 import pytest
 import torch
 
-from training.host import pack_module, setup_comfyui
+from training.host import host_nodes, pack_module, setup_comfyui
 
 setup_comfyui(cpu=True)
 
@@ -78,7 +78,7 @@ def test_the_70_sdxl_layer_keys_in_execution_order(model):
 
 
 def test_encode_prompt_matches_clip_text_encode(clip):
-    import nodes
+    nodes = host_nodes()
 
     text = "a photo of a person on a beach, " * 10  # 90 tokens: two chunks
     ours = encode(clip, text)

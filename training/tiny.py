@@ -31,7 +31,7 @@ import comfy.sdxl_clip
 import comfy.supported_models
 from comfy.ldm.models.autoencoder import AutoencoderKL
 
-from .host import pack_module
+from .host import host_nodes, pack_module
 
 CONTEXT_L, CONTEXT_G = 32, 32  # text widths: the UNet context is their concatenation (64)
 POOLED_DIM = CONTEXT_G  # the pooled (projected) CLIP-G output
@@ -284,7 +284,7 @@ TINY_NODES = {"TinySDXLCheckpointLoader": TinySDXLCheckpointLoader, "TinyCLIPVis
 
 def register_tiny_nodes() -> None:
     """Add the tiny loaders to the host's node table (the host's top-level `nodes` module)."""
-    import nodes
+    nodes = host_nodes()
 
     nodes.NODE_CLASS_MAPPINGS.update(TINY_NODES)
     nodes.NODE_DISPLAY_NAME_MAPPINGS.update({k: f"{k} (tiny, tests)" for k in TINY_NODES})

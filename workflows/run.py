@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.host import load_pack, setup_comfyui
+from training.host import host_nodes, load_pack
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,7 @@ _NODES_LOADED = False
 def load_nodes() -> dict:
     """Set the host up and register its built-in nodes plus this pack's, as ComfyUI does at start. Idempotent."""
     global _NODES_LOADED
-    setup_comfyui()
-    import nodes
-
+    nodes = host_nodes()
     if not _NODES_LOADED:
         asyncio.run(_register_nodes())
         _NODES_LOADED = True
@@ -73,7 +71,8 @@ def load_nodes() -> dict:
 
 async def _register_nodes() -> None:
     import folder_paths
-    import nodes
+
+    nodes = host_nodes()
 
     # built-in extras whose optional deps (torchaudio, kornia, ...) are missing log long tracebacks: one line instead
     logging.disable(logging.WARNING)
