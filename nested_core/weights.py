@@ -22,7 +22,7 @@ import os
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .model import NestedAttentionModel, NestedConfig
 
@@ -40,8 +40,18 @@ def save_weights(model: NestedAttentionModel, path: str | os.PathLike, extra_met
     tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
                for k, v in model.state_dict().items()}
     tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata=metadata)
+    with open(tmp, "wb") as f:
+        f.write(_sorted_header(save(tensors, metadata=metadata)))
     os.replace(tmp, path)  # never leave a half-written file under the real name
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted: safetensors writes the metadata in
+    hash-map order, which differs between calls, and equal weights should make byte-equal files."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header with spaces to keep tensors 8-byte aligned
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
 
 
 def _what_it_looks_like(keys: list[str]) -> str:

@@ -43,6 +43,12 @@ class PromptTokens:
         key = _main_key(tokens)
         end = getattr(getattr(self.tokenizer, f"clip_{key}", None), "end_token", None)
         ids = [t[0] for t in tokens[key][0][1:]]
+        # found, the tokenizer puts an embedding's vectors where ids go; not found, its name's pieces
+        if word.strip().lower().startswith("embedding:") or not all(isinstance(i, int) for i in ids):
+            raise ValueError(
+                f"'{word}' is a textual-inversion embedding, not a word: nested attention binds one word of the prompt's "
+                "vocabulary. Bind a plain single-token word such as 'person' or 'dog' (embeddings elsewhere in the prompt are fine)"
+            )
         return ids[: ids.index(end)] if end in ids else ids
 
 

@@ -1,4 +1,4 @@
-"""The training manifest: validation report, bad rows skipped, deterministic sharded batches (no host, no model)."""
+"""The training manifest: validation report (the host's tokenizer, no model), bad rows skipped, deterministic sharded batches."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,9 @@ import pytest
 from PIL import Image
 
 from training import data
+from training.preflight import caption_checker, sdxl_tokenizer
+
+CHECK = caption_checker(sdxl_tokenizer())
 
 
 def _image(path: Path, w: int, h: int, seed: int) -> None:
@@ -37,7 +40,7 @@ def manifest(tmp_path: Path) -> Path:
 
 
 def test_report_counts_and_reasons(manifest: Path):
-    report = data.read_manifest(manifest)
+    report = data.read_manifest(manifest, check_caption=CHECK)
     assert report.total == 9 and len(report.rows) == 3 and report.bad == 6
     reasons = dict(report.problems)
     assert reasons[4].startswith("missing file") and reasons[5].startswith("unreadable image")
@@ -58,7 +61,7 @@ def test_cli_exit_code(manifest: Path, capsys):
 
 
 def test_dataset_crops_and_conditioning(manifest: Path):
-    rows = data.read_manifest(manifest).rows
+    rows = data.read_manifest(manifest, check_caption=CHECK).rows
     ds = data.TripletDataset(rows, resolution=32, input_size=24, seed=3)
     item = ds[(0, 0)]
     assert item["target"].shape == (32, 32, 3) and item["input"].shape == (24, 24, 3)
@@ -72,11 +75,12 @@ def test_dataset_crops_and_conditioning(manifest: Path):
 
 
 def test_unreadable_at_runtime_is_dropped_not_raised(manifest: Path):
-    rows = data.read_manifest(manifest).rows
+    rows = data.read_manifest(manifest, check_caption=CHECK).rows
     rows[1].target.write_bytes(b"corrupted after validation")
     ds = data.TripletDataset(rows, resolution=32, input_size=24)
     batch = data.collate([ds[(0, 0)], ds[(1, 0)], ds[(2, 0)]])
-    assert batch["size"] == 2 and len(batch["bad"]) == 1 and "line 2" in batch["bad"][0]
+    assert batch["size"] == 2 and len(batch["bad"]) == 1 and "line 2" in batch["bad"][0][0]
+    assert batch["bad"][0][1] == str(rows[1].target)  # the file, so training can leave it out
     assert batch["target"].shape == (2, 32, 32, 3) and batch["caption"][1] == "a dog on the grass"
     empty = data.collate([ds[(1, 0)]])
     assert empty["size"] == 0 and "target" not in empty

@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 
 from training.host import PACK_ROOT, pack_module, setup_comfyui
-
-ROWS = 6
+from training_helpers import run_training, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -31,40 +30,7 @@ def host():
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    """6 good (input, target, caption) triplets of odd sizes, plus 3 bad rows the run must skip."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(ROWS):
-        Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(root / f"ref{i}.png")
-        Image.fromarray(rng.integers(0, 255, (72, 64 + 16 * i, 3), dtype=np.uint8)).save(root / f"target{i}.jpg")
-        rows.append({"input": f"ref{i}.png", "target": f"target{i}.jpg", "caption": f"a photo of a person, picture {i}"})
-    rows += [
-        {"input": "gone.png", "target": "target0.jpg", "caption": "a person"},
-        {"input": "ref0.png", "target": "target0.jpg", "caption": "a cat on a sofa"},
-        {"input": "ref0.png", "target": "target0.jpg"},
-    ]
-    path = root / "train.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
-def _args(train, manifest: Path, out: Path, *extra: str):
-    return train.parse_args([
-        "--tiny", "--manifest", str(manifest), "--output-dir", str(out), "--resolution", "64", "--seed", "7",
-        "--dataloader-num-workers", "0", "--lr-warmup-steps", "1", "--learning-rate", "1e-3", "--report-to", "none",
-        "--validation-steps", "0", *extra,
-    ])
-
-
-def _run(train, manifest: Path, out: Path, *extra: str) -> dict:
-    from accelerate.state import AcceleratorState, GradientState
-
-    try:
-        return train.main(_args(train, manifest, out, *extra))
-    finally:  # several runs in one process: start each with a fresh accelerate state
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+    return write_manifest(tmp_path_factory.mktemp("data"))
 
 
 def _states(*modules) -> dict:
@@ -78,7 +44,7 @@ def test_train_export_and_run_in_the_nodes(host, manifest, tmp_path):
                             tiny.tiny_clip_vision(0).model, tiny.tiny_vae(0).first_stage_model)
     out = tmp_path / "run"
     export = tmp_path / "exported.safetensors"
-    result = _run(train, manifest, out, "--max-train-steps", "2", "--train-batch-size", "2", "--export", str(export),
+    result = run_training(train, manifest, out, "--max-train-steps", "2", "--train-batch-size", "2", "--export", str(export),
                   "--report-to", "tensorboard", "--validation-steps", "2", "--validation-prompts", "a portrait of a person",
                   "--validation-lambdas", "1", "2", "--validation-sampling-steps", "1", "--validation-cfg", "1.0",
                   "--validation-images", str(manifest.parent / "ref0.png"))
@@ -95,7 +61,9 @@ def test_train_export_and_run_in_the_nodes(host, manifest, tmp_path):
     assert changed == {"qformer", "to_k", "to_v"}
     assert weights.config.layers == initial.config.layers and len(weights.config.layers) == core.SDXL_LAYER_COUNT
     _, metadata = core.read_config(export)
-    assert json.loads(metadata["training_args"])["max_train_steps"] == 2 and metadata["training_step"] == "2"
+    recorded = json.loads(metadata["training_args"])
+    assert recorded["seed"] == 7 and recorded["models"] == "tiny (seed 0)" and metadata["training_step"] == "2"
+    assert not any(str(tmp_path) in v for v in metadata.values())  # no per-run path: identical runs export identical files
 
     # progress artefacts: checkpoint with a ready-to-load weights file, validation grid, tensorboard, metrics
     checkpoint = out / "checkpoints" / "checkpoint-00000002"
@@ -140,39 +108,52 @@ def _fresh_init(train, tiny) -> dict:
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(host, manifest, tmp_path, monkeypatch):
+    """Bitwise: losses, weights and the export file's bytes; metrics.jsonl has each step once."""
     train, _ = host
     common = ("--max-train-steps", "4", "--checkpointing-steps", "2", "--gradient-accumulation-steps", "2",
               "--ema-decay", "0.9", "--lr-scheduler", "cosine")  # 6 rows, accumulation 2: step 4 is in epoch 2
-    straight = _run(train, manifest, tmp_path / "straight", *common)
+    straight = run_training(train, manifest, tmp_path / "straight", *common)
 
     calls = {"n": 0}
     real_step = train.training_step
 
-    def killed_in_step_3(*a, **k):
+    def killed_in_step_4(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 5:  # first micro-batch of step 3, after the step-2 checkpoint
+        if calls["n"] == 7:  # first micro-batch of step 4: step 3 is logged, its checkpoint (4) never written
             raise KeyboardInterrupt("killed")
         return real_step(*a, **k)
 
     crashed = tmp_path / "crashed"
-    monkeypatch.setattr(train, "training_step", killed_in_step_3)
+    monkeypatch.setattr(train, "training_step", killed_in_step_4)
     with pytest.raises(KeyboardInterrupt):
-        _run(train, manifest, crashed, *common)
+        run_training(train, manifest, crashed, *common)
     monkeypatch.setattr(train, "training_step", real_step)
     assert [p.name for p in train.list_checkpoints(crashed)] == ["checkpoint-00000002"]
+    assert [json.loads(line)["step"] for line in (crashed / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
-    resumed = _run(train, manifest, crashed, *common, "--resume", "latest")
+    resumed = run_training(train, manifest, crashed, *common, "--resume", "latest")
     assert resumed["losses"] == {3: straight["losses"][3], 4: straight["losses"][4]}  # exactly, not approximately
-    first = [json.loads(line)["loss"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
-    assert first[:2] == [straight["losses"][1], straight["losses"][2]]
+    logged = [json.loads(line) for line in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]  # step 3 done again, logged once
+    assert [m["loss"] for m in logged] == [straight["losses"][s] for s in (1, 2, 3, 4)]
     a, b = (pack_module("nested_core").load_weights(r["export"]).state_dict() for r in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)  # model, optimizer, schedule and EMA all continued exactly
+    assert straight["export"].read_bytes() == resumed["export"].read_bytes()  # no run path in the metadata
+
+
+def test_identical_runs_are_bitwise_identical_whatever_the_loader_workers(host, manifest, tmp_path):
+    """Data loading is a pure function of (seed, epoch, row): worker processes change nothing, not even the last bit."""
+    train, _ = host
+    runs = [run_training(train, manifest, tmp_path / f"w{workers}", "--max-train-steps", "3", "--dataloader-num-workers", str(workers))
+            for workers in (0, 2)]
+    assert runs[0]["losses"] == runs[1]["losses"]
+    assert runs[0]["export"].read_bytes() == runs[1]["export"].read_bytes()
 
 
 def test_gradient_checkpointing_changes_nothing(host, manifest, tmp_path):
     """Recomputed blocks must see the layer keys of the first pass (the patch is looked up by them)."""
     train, _ = host
-    runs = [_run(train, manifest, tmp_path / str(flag), "--max-train-steps", "2", *flag)
+    runs = [run_training(train, manifest, tmp_path / str(flag), "--max-train-steps", "2", *flag)
             for flag in ((), ("--gradient-checkpointing",))]
     assert runs[0]["losses"] == runs[1]["losses"]
     a, b = (pack_module("nested_core").load_weights(r["export"]).state_dict() for r in runs)
@@ -192,7 +173,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(host, manifest, tmp
     monkeypatch.setattr(train, "training_step", diverges_at_step_2)
     out = tmp_path / "nan"
     with pytest.raises(train.NonFiniteLossError, match=r"non-finite at step 2.*checkpoint-00000001"):
-        _run(train, manifest, out, "--max-train-steps", "3", "--checkpointing-steps", "1")
+        run_training(train, manifest, out, "--max-train-steps", "3", "--checkpointing-steps", "1")
     assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-00000001"]
     assert not list((out / "checkpoints").glob("*.tmp")) and not (out / train.WEIGHTS_NAME).exists()
     weights = pack_module("nested_core").load_weights(out / "checkpoints" / "checkpoint-00000001" / train.WEIGHTS_NAME)

@@ -148,7 +148,17 @@ def test_malformed_config_is_named(saved):
 def test_failed_save_leaves_the_previous_file(saved, monkeypatch):
     model, path = saved
     before = path.read_bytes()
-    monkeypatch.setattr(core.weights, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(core.weights, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         core.save_weights(model, path)
     assert path.read_bytes() == before
+
+
+def test_equal_weights_make_byte_equal_files(saved, tmp_path):
+    """safetensors writes metadata in hash-map order; the header is sorted so exports can be compared by hash."""
+    model, _ = saved
+    paths = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for p in paths:
+        core.save_weights(model, p, extra_metadata={"a": "1", "b": "2", "c": "3", "training_step": "7"})
+    assert len({p.read_bytes() for p in paths}) == 1
+    assert core.load_weights(paths[0]).config == model.config

@@ -9,8 +9,9 @@ One row per line, paths relative to the manifest's folder (absolute paths work t
 - caption: the prompt; it must contain `word`, the token the subject is bound to
 - word:    optional, default "person" (or --word); one CLIP token ("person", "man", "dog", ...)
 
-`python -m training.data validate MANIFEST` reports missing/unreadable files and captions
-lacking their word. Training skips and counts such rows; it never stops for them.
+`python -m training.data validate MANIFEST` reports missing/unreadable files, words that are not
+one CLIP token and captions lacking their word (with the tokenizer and the token finder Bind Token
+uses). Training runs the same check before loading any model and leaves such rows out.
 
 Randomness (crops, shuffling) is a pure function of (seed, epoch, index), so a resumed run
 sees exactly the batches an uninterrupted one would, on any number of processes.
@@ -20,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +60,8 @@ class ManifestReport:
         self.problems.append((line, reason))
 
     def format(self, limit: int = 20) -> str:
+        if self.total == 0:
+            return f"{self.path}: no rows (an empty manifest): write one JSON object per line, see training/README.md"
         lines = [f"{self.path}: {self.total} rows, {len(self.rows)} usable, {self.bad} skipped"]
         kinds = Counter(reason.split(":")[0] for _, reason in self.problems)
         lines += [f"  {n} × {kind}" for kind, n in kinds.most_common()]
@@ -67,13 +69,6 @@ class ManifestReport:
         if self.bad > limit:
             lines.append(f"  … and {self.bad - limit} more")
         return "\n".join(lines)
-
-
-def contains_word(caption: str, word: str) -> bool:
-    """The word as a whole word, case-insensitively (CLIP lower-cases; "persons" is not "person").
-
-    A host-free pre-check for `validate`; training then checks every caption with the token finder itself."""
-    return re.search(rf"(?<![\w]){re.escape(word.lower())}(?![\w])", caption.lower()) is not None
 
 
 def _image_problem(path: Path, full: bool) -> str | None:
@@ -90,10 +85,13 @@ def _image_problem(path: Path, full: bool) -> str | None:
     return None
 
 
-def read_manifest(path: str | Path, *, default_word: str = DEFAULT_WORD, check_images: bool = True, full: bool = False) -> ManifestReport:
+def read_manifest(path: str | Path, *, check_caption: Callable[[str, str], str | None], default_word: str = DEFAULT_WORD,
+                  check_images: bool = True, full: bool = False) -> ManifestReport:
     """Every row of the manifest, checked; bad rows are reported and left out, never raised.
 
-    check_images opens each image's header (cheap); full=True decodes every pixel.
+    check_caption(caption, word) says why a row cannot be bound (None: it can); training.preflight's
+    caption_checker is the real one. check_images opens each image's header (cheap); full=True decodes
+    every pixel.
     """
     path = Path(path)
     report = ManifestReport(path)
@@ -116,11 +114,9 @@ def read_manifest(path: str | Path, *, default_word: str = DEFAULT_WORD, check_i
                 report.skip(line_no, f"missing field: {', '.join(absent)}")
                 continue
             word = str(d.get("word") or default_word).strip().lower()
-            if not word or any(c.isspace() for c in word):
-                report.skip(line_no, f"bad word: '{word}' (one single-token word, e.g. 'person')")
-                continue
-            if not contains_word(d["caption"], word):
-                report.skip(line_no, f"caption lacks its word: '{word}' not in {d['caption']!r}")
+            problem = check_caption(d["caption"], word)
+            if problem:
+                report.skip(line_no, problem)
                 continue
             row = Row(line_no, (root / d["input"]).resolve(), (root / d["target"]).resolve(), d["caption"], word)
             if check_images:
@@ -160,18 +156,29 @@ class TripletDataset(torch.utils.data.Dataset):
     def __init__(self, rows: Sequence[Row], *, resolution: int, input_size: int = 224, center_crop: bool = False, seed: int = 0):
         self.rows, self.resolution, self.input_size = list(rows), resolution, input_size
         self.center_crop, self.seed = center_crop, seed
+        self.excluded: set[int] = set()  # rows using a file found unreadable: never read again
+
+    def exclude_file(self, path: str) -> int:
+        """Leave out every row that uses `path` from now on (workers see it from the next epoch); how many."""
+        hits = {i for i, row in enumerate(self.rows) if path in (str(row.input), str(row.target))} - self.excluded
+        self.excluded |= hits
+        return len(hits)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         index, epoch = item
+        if index in self.excluded:
+            return {"excluded": index}
         row = self.rows[index]
         try:
-            target = load_rgb(row.target)
-            reference = target if row.input == row.target else load_rgb(row.input)
+            path = row.target
+            target = load_rgb(path)
+            path = row.input
+            reference = target if row.input == row.target else load_rgb(path)
         except IMAGE_ERRORS as e:
-            return {"bad": f"line {row.line}: unreadable image ({type(e).__name__}: {e})"}
+            return {"bad": f"line {row.line}: unreadable image {path} ({type(e).__name__}: {e})", "file": str(path)}
         # target: short side to the resolution, then a square crop; SDXL is told both (micro-conditioning)
         original_hw = (target.height, target.width)
         resized = resize_short_side(target, self.resolution)
@@ -198,9 +205,9 @@ class TripletDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack the good items; unreadable ones are dropped and reported in "bad"."""
-    good = [it for it in items if "bad" not in it]
-    batch = {"bad": [it["bad"] for it in items if "bad" in it], "size": len(good)}
+    """Stack the good items; unreadable ones are dropped and reported in "bad" (reason, file), excluded ones dropped."""
+    good = [it for it in items if "bad" not in it and "excluded" not in it]
+    batch = {"bad": [(it["bad"], it["file"]) for it in items if "bad" in it], "size": len(good)}
     if good:
         batch.update(
             index=torch.tensor([it["index"] for it in good]),
@@ -252,15 +259,23 @@ class ShardedBatches(torch.utils.data.Sampler):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.data", description="Nested-attention training manifests.")
     sub = parser.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("validate", help="report missing/unreadable files and captions lacking their word")
+    v = sub.add_parser("validate", help="report missing/unreadable files, bad words and captions lacking their word")
     v.add_argument("manifest")
     v.add_argument("--word", default=DEFAULT_WORD, help="the bound word of rows that name none")
     v.add_argument("--full", action="store_true", help="decode every image (slow) instead of reading headers")
     v.add_argument("--limit", type=int, default=50, help="problems listed one by one")
     args = parser.parse_args(argv)
-    report = read_manifest(args.manifest, default_word=args.word, full=args.full)
+    from .preflight import caption_checker, sdxl_tokenizer  # the host's tokenizer: imported only for this command
+
+    if not Path(args.manifest).is_file():
+        parser.error(f"{args.manifest}: no such file")
+    check = caption_checker(sdxl_tokenizer())
+    word = args.word.strip().lower()
+    if problem := check(word, word):
+        parser.error(f"--word {word!r}: {problem.removeprefix('bad word: ')}")
+    report = read_manifest(args.manifest, default_word=word, full=args.full, check_caption=check)
     print(report.format(limit=args.limit))
-    return 1 if report.bad else 0
+    return 1 if report.bad or not report.rows else 0
 
 
 if __name__ == "__main__":
