@@ -15,6 +15,11 @@ def apply_nested_attention(model, start_percent: float = 0.0, end_percent: float
         raise ValueError(f"Apply Nested Attention needs an SDXL model; this one is {type(model.model).__name__}")
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(f"need 0 ≤ start_percent ≤ end_percent ≤ 1; got {start_percent}, {end_percent}")
+    if start_percent == end_percent:
+        raise ValueError(
+            f"start_percent = end_percent = {start_percent}: the subject would be injected at no step. Set end_percent "
+            "above start_percent (0 and 1: the whole run), or bypass Apply Nested Attention"
+        )
     m = model.clone()
     existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     if any(isinstance(p, NestedAttentionPatch) for p in existing.values()):

@@ -52,6 +52,23 @@ class Binding:
     context_len: int
 
 
+def _bindings_as_sampled(cond: dict) -> tuple[Binding, ...]:
+    """A conditioning's bindings for the context it is sampled with. A node after Bind Token may have made
+    it longer (ConditioningConcat keeps the bound prompt first): the positions stay, and the context's real
+    length decides how the host repeats it when batching with other lengths."""
+    context = getattr((cond.get("model_conds") or {}).get("c_crossattn"), "cond", None)
+    if context is None:
+        return cond[BINDINGS]
+    length = context.shape[1]
+    out = []
+    for b in cond[BINDINGS]:
+        if length < b.context_len:
+            raise ValueError(f"a bound conditioning was cut from {b.context_len} to {length} tokens after Bind Token; "
+                             "bind the subject after the node that shortens it")
+        out.append(b if length == b.context_len else replace(b, context_len=length))
+    return tuple(out)
+
+
 class NestedAttentionPatch:
     """attn2 replace patch for all layers of one model, with a per-sampling-run projection cache."""
 
@@ -134,7 +151,7 @@ class NestedAttentionPatch:
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
         # the start/end window is decided here, once per batch: one device sync, not one per layer call
         if self.sigma_end <= float(timestep.max()) <= self.sigma_start:
-            uuid_map = {c["uuid"]: c[BINDINGS] for group in conds for c in (group or []) if c.get(BINDINGS)}
+            uuid_map = {c["uuid"]: _bindings_as_sampled(c) for group in conds for c in (group or []) if c.get(BINDINGS)}
             if uuid_map:
                 model_options = model_options.copy()
                 to = model_options["transformer_options"] = model_options.get("transformer_options", {}).copy()

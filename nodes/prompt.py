@@ -13,6 +13,7 @@ from typing import Any
 from comfy_api.latest import io
 
 from ..nested_core import find_token_positions
+from .graph_checks import check_bound_conditioning_use
 from .patch import BINDINGS, PROMPT_TOKENS, Binding, Subject
 from .types import SubjectType
 
@@ -134,8 +135,12 @@ class BindToken(io.ComfyNode):
                              tooltip="Which occurrence of the word: 0 = every occurrence, 1 = the first, 2 = the second, …"),
             ],
             outputs=[io.Conditioning.Output(tooltip="The conditioning with the subject bound; only it is personalised.")],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, conditioning, subject: Subject, word: str, occurrence: int) -> io.NodeOutput:
+        # before any sampling: a wiring that would drop the subject silently is an error that names the fix
+        if cls.hidden is not None:  # None when called outside the host's executor
+            check_bound_conditioning_use(cls.hidden.prompt, cls.hidden.unique_id)
         return io.NodeOutput(bind_subject(conditioning, subject, word, occurrence))
