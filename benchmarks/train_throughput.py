@@ -6,7 +6,7 @@
 Both sides run the same batch through the host's apply_model (random latents, contexts and
 ADM; the frozen encoders are left out: they cost the same with or without nested attention):
 - plain:  the frozen UNet, backward to the text context (so backward crosses every attn2 layer)
-- nested: NestedTrainer from training/train.py — Q-Former, the pack's patch on all 70 layers,
+- nested: NestedTrainer from training/models.py — Q-Former, the pack's patch on all 70 layers,
           backward to the trained weights — exactly what a training step runs.
 Reported: samples/s, peak memory (CUDA: max allocated; CPU: peak RSS growth of a fresh
 process per case) and the nested/plain time ratio (target ≤ 1.3×).
@@ -58,7 +58,7 @@ def build(model_kind: str, device: torch.device, dtype: torch.dtype, seed: int =
 
 
 def measure(args, case: str, size: int) -> dict:
-    from training import train
+    from training import models as train  # the training run's own model code
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

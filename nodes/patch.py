@@ -84,7 +84,8 @@ class NestedAttentionPatch:
         self.layers = set(layers or ())  # the layer keys this patch is installed on
         self.previous = dict(previous or {})  # layer key -> an earlier attn2 replace patch, chained
         self.query_chunk = query_chunk
-        self._cache: dict[tuple[int, LayerKey | str], tuple] = {}  # (id, layer) -> (subject, K̆, V̆); (id, 'tokens') -> (subject, E)
+        # (id, layer, (device, dtype)) -> (subject, K̆, V̆); (id, 'tokens', (device, dtype)) -> (subject, E)
+        self._cache: dict[tuple, tuple] = {}
 
     def __deepcopy__(self, memo):
         # ComfyUI 0.3.x deep-copies model_options on every clone; one patch (and cache) per Apply node is what we want
@@ -101,18 +102,22 @@ class NestedAttentionPatch:
             self._cache.clear()  # frees the device copies: no VRAM kept after a run
 
     def projections(self, subject: Subject, key: LayerKey, like: Tensor) -> tuple[Tensor, Tensor]:
-        cached = self._cache.get((id(subject), key))
+        """K̆, V̆ of `subject` at layer `key` on like's device and dtype, computed once per run and device.
+
+        Newer hosts run one sampling on several GPUs from threads sharing this patch: entries are per
+        device, and each entry is stored whole by one dict assignment (a race only computes one twice)."""
+        where = (like.device, like.dtype)
+        cached = self._cache.get((id(subject), key, where))
         if cached is None or cached[0] is not subject:  # `is`: an id can be reused once a subject is freed
             if key not in subject.weights.config.layers:
                 raise ValueError(
                     f"the nested-attention weights have no layer {key}: they were made for another model "
                     f"({subject.weights.config.base_model}, {len(subject.weights.config.layers)} layers)"
                 )
-            tokens = self._cache.get((id(subject), "tokens"))
+            tokens = self._cache.get((id(subject), "tokens", where))
             if tokens is None or tokens[0] is not subject:  # moved to the device once per run, not once per layer
-                tokens = self._cache[(id(subject), "tokens")] = (subject, subject.tokens.to(like.device, like.dtype))
-            cached = (subject, *subject.weights.project(key, tokens[1]))
-            self._cache[(id(subject), key)] = cached
+                tokens = self._cache[(id(subject), "tokens", where)] = (subject, subject.tokens.to(like.device, like.dtype))
+            cached = self._cache[(id(subject), key, where)] = (subject, *subject.weights.project(key, tokens[1]))
         return cached[1], cached[2]
 
     @property

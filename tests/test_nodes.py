@@ -1,5 +1,6 @@
 """Node behaviour and every user error, by message (host objects, tiny models)."""
 import asyncio
+import sys
 import os
 
 import pytest
@@ -162,3 +163,16 @@ def test_loader_registers_its_folder_and_keeps_extra_paths(tmp_path, monkeypatch
     assert loaded.config.num_queries == 8 and len(loaded.config.layers) == 70
     with pytest.raises(core.WeightsFileError, match="looks like a LoRA"):
         loader_mod.LoadNestedAttention.execute("a_lora.safetensors")
+
+
+def test_an_older_host_gets_one_message_naming_the_version_to_install(monkeypatch):
+    from training.host import load_pack
+
+    pack = load_pack()
+    assert pack.host_problem() is None and hasattr(pack, "comfy_entrypoint")
+    import comfyui_version
+
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", None)  # a host from before the V3 node API
+    message = pack.host_problem()
+    assert message.startswith(f"ComfyUI-NestedAttention needs ComfyUI {pack.OLDEST_HOST} or newer")
+    assert f"this ComfyUI is {comfyui_version.__version__} and lacks comfy_api.latest" in message

@@ -258,3 +258,39 @@ def test_runs_in_the_model_dtype(clip, dtype):
     plain = sample(model, positive, negative, steps=2)
     assert set(seen) == {dtype} and len(seen) == 70
     assert torch.isfinite(patched).all() and (patched - plain).abs().max() > 1e-2
+
+
+def test_projection_cache_is_per_device_and_safe_under_threads(model):
+    """Newer hosts sample one run on several GPUs from threads sharing the patch: each device gets its own
+    projections, and concurrent calls agree with a single-threaded run ("meta" stands in for a second device)."""
+    import threading
+
+    weights = tiny.make_tiny_weights(model)
+    subject = patch_mod.Subject(weights, torch.randn(8, 64, generator=torch.Generator().manual_seed(0)))
+    patch = patch_mod.NestedAttentionPatch(layers=list(core.attn2_layers(model.model.diffusion_model)))
+    keys = sorted(patch.layers)
+    cpu, meta = torch.empty(0), torch.empty(0, device="meta")
+    with patch.run():
+        expected = {key: patch.projections(subject, key, cpu) for key in keys}
+    results, errors = {}, []
+
+    def worker(like, name):
+        try:
+            for key in keys:
+                results[(name, key)] = patch.projections(subject, key, like)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    with patch.run():
+        threads = [threading.Thread(target=worker, args=(like, f"{like.device.type}-{i}")) for i in range(3) for like in (cpu, meta)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        for (name, key), (k, v) in results.items():
+            assert k.device.type == v.device.type == name.split("-")[0]  # never another device's entry
+            if k.device.type == "cpu":
+                assert torch.equal(k, expected[key][0]) and torch.equal(v, expected[key][1])
+        # one entry per (layer, device) plus the tokens per device, whatever the interleaving
+        assert len(patch._cache) == 2 * (len(keys) + 1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -232,6 +233,20 @@ class _ServerStub:
         pass
 
 
+def _cache_options(executor_class) -> dict:
+    """No cache limits, in the words of this host's PromptExecutor (0.3.64 says cache_size, 0.3.75 on cache_args)."""
+    params = inspect.signature(executor_class.__init__).parameters
+    return {"cache_args": _NoCacheLimits()} if "cache_args" in params else {"cache_size": None}
+
+
+class _NoCacheLimits(dict):
+    """PromptExecutor's cache_args: hosts add keys over time (0.33 reads "ram_inactive", which 0.3.75 lacks);
+    every size or headroom this runner does not set is 0, i.e. no extra caching."""
+
+    def __missing__(self, key):
+        return 0
+
+
 def _validation_message(error: dict, node_errors: dict) -> str:
     lines = [f"{error.get('message', 'invalid prompt')} {error.get('details', '')}".strip()]
     for node_id, info in node_errors.items():
@@ -257,7 +272,7 @@ async def _execute(prompt: dict) -> RunResult:
     valid, error, outputs, node_errors = await execution.validate_prompt(prompt_id, prompt, None)
     if not valid:
         raise WorkflowError(_validation_message(error, node_errors), node_errors=node_errors)
-    executor = execution.PromptExecutor(_ServerStub(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    executor = execution.PromptExecutor(_ServerStub(), cache_type=execution.CacheType.CLASSIC, **_cache_options(execution.PromptExecutor))
     await executor.execute_async(prompt, prompt_id, extra_data={}, execute_outputs=outputs)
     if not executor.success:
         raise WorkflowError(_execution_message(executor.status_messages), status_messages=executor.status_messages)
