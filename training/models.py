@@ -83,9 +83,9 @@ def build_models(args: argparse.Namespace, device: torch.device, weight_dtype: t
         clip, clip_vision, vae = tiny.tiny_clip(seed), tiny.tiny_clip_vision(seed), tiny.tiny_vae(seed)
         vision_encoder = "tiny-test-ViT"
     elif args.world:
-        from miniworld.models import load_world  # the demo world's own files, in the host's classes
+        from miniworld.models import VISION_FILES, load_world  # the demo world's own files, in the host's classes
 
-        world = load_world()
+        world = load_world(vision=VISION_FILES[args.world_vision])
         patcher, clip, clip_vision, vae, vision_encoder = world.patcher, world.clip, world.clip_vision, world.vae, world.vision_encoder
     else:
         import comfy.clip_vision

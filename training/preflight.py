@@ -23,7 +23,7 @@ WEIGHTS_NAME = "nested_attention.safetensors"  # ready-to-use weights file insid
 RUN_FILES = ("checkpoints", "metrics.jsonl", "logs", "validation", "args.json", WEIGHTS_NAME)  # what a run writes in its folder
 
 # What must be equal to continue a run: they define the model, the data stream and its randomness.
-MUST_MATCH = ("seed", "manifest_sha256", "models", "init_weights", "num_queries", "qformer_dim", "qformer_depth", "qformer_heads",
+MUST_MATCH = ("seed", "manifest_sha256", "models", "world_size", "init_weights", "num_queries", "qformer_dim", "qformer_depth", "qformer_heads",
               "alpha", "word", "domain", "resolution", "center_crop", "caption_dropout", "image_dropout", "train_batch_size",
               "gradient_accumulation_steps")
 # What may change on resume (a new learning rate, more threads), reported because the run is then no longer exact.
@@ -99,9 +99,10 @@ def models_identity(args: argparse.Namespace) -> str:
     if args.tiny:
         return f"tiny (seed {args.tiny_seed})"
     if args.world:
-        from miniworld.models import world_files
+        from miniworld.models import BASE_FILE, VISION_FILES, WEIGHTS_DIR
 
-        return "miniworld " + " ".join(f"{p.name}:{file_sha256(p)[:16]}" for p in world_files())
+        files = (WEIGHTS_DIR / BASE_FILE, WEIGHTS_DIR / VISION_FILES[args.world_vision])
+        return "miniworld " + " ".join(f"{p.name}:{file_sha256(p)[:16]}" for p in files)
     # a real checkpoint is gigabytes: its name and size identify it well enough to catch a wrong file
     return " ".join(f"{Path(p).name}:{Path(p).stat().st_size}" for p in (args.checkpoint, args.clip_vision))
 
