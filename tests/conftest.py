@@ -54,7 +54,7 @@ def tiny_files(node_classes, tiny_models, tmp_path_factory):
 
     outputs = tmp_path_factory.mktemp("output")
     old_output = folder_paths.get_output_directory()
-    with run.tiny_environment() as (models, inputs):
+    with run.temporary_folders() as (models, inputs):
         for name in (FACES, PETS):
             tiny.tiny_weights_for_name(models / name, tiny_models.unet)
         for name in IMAGES:

@@ -201,8 +201,9 @@ def make_tiny(prompt: dict, models_dir: Path, input_dir: Path, max_side: int = T
 
 
 @contextlib.contextmanager
-def tiny_environment():
-    """A temp models/nested_attention (searched first) and a temp input dir, both undone afterwards."""
+def temporary_folders():
+    """A temp models/nested_attention (searched first) and a temp input dir, both undone afterwards
+    (tiny runs write their stand-in files there, the demo its reference photos)."""
     import folder_paths
 
     old_input = folder_paths.get_input_directory()
@@ -306,7 +307,7 @@ def run_workflow(
     prompt = ui_to_api(workflow, load_nodes())
     if not tiny:
         return run_prompt(prompt, output_dir)
-    with tiny_environment() as (models_dir, input_dir):
+    with temporary_folders() as (models_dir, input_dir):
         return run_prompt(make_tiny(prompt, models_dir, input_dir, max_side, max_steps), output_dir)
 
 

@@ -1,0 +1,173 @@
+"""Personalisation in the demo world, measured: images made with the nodes' own code (Encode Subject, Attention
+Scale λ, Bind Token, Apply Nested Attention, the host's sampler), scored with the world's own metrics.
+
+    python -m miniworld.evaluate --domain person --identities 16 --lambdas 1 2 3 4 --out docs/results/person.json
+
+Conditions per held-out case (identity, scene): the base model with the subject word and no subject; nested
+attention with the identity's own reference photo at each λ; nested attention with ANOTHER held-out
+identity's reference (λ = 1), so "identity" means the reference's, not just the domain's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.host import pack_module, setup_comfyui
+
+setup_comfyui()  # before the world's models import the host
+
+from . import world  # noqa: E402
+from .models import IMAGE_SIZE, VISION_FILES, WEIGHTS_DIR, load_world  # noqa: E402
+
+NESTED_DIR = WEIGHTS_DIR / "nested"  # the world's nested-attention weights; Load Nested Attention lists this folder too
+WEIGHTS = {domain: NESTED_DIR / f"nested_{domain}.safetensors" for domain in world.DOMAINS}
+NEGATIVE = ""  # the world's text encoder never saw a negative vocabulary: the empty prompt is its unconditional
+STEPS, CFG, SAMPLER, SCHEDULER = 20, 4.0, "euler", "normal"  # docs/miniworld.md "Base models" (recommended settings)
+
+
+@dataclass(frozen=True)
+class Case:
+    identity: world.Identity
+    scene: world.Scene
+    caption: str
+    seed: int  # sampling noise
+    reference_seed: int  # pose/lighting of the reference photo
+
+
+def cases(domain: str, n_identities: int, per_identity: int = 1, seed: int = 0) -> list[Case]:
+    """Fixed held-out cases: each evaluation identity in `per_identity` random scenes (styles included)."""
+    rng = np.random.default_rng([seed, world.DOMAINS.index(domain)])
+    out = []
+    for identity in world.eval_identities(domain, n_identities):
+        for _ in range(per_identity):
+            scene = world.sample_scene(rng)
+            variant, noise, ref = (int(x) for x in rng.integers(2**31, size=3))
+            out.append(Case(identity, scene, world.caption(domain, scene, variant=variant), noise, ref))
+    return out
+
+
+def reference_photo(identity: world.Identity, seed: int) -> torch.Tensor:
+    """[H, W, 3] float 0..1: the photo a user would give, at the world's image size."""
+    return torch.from_numpy(world.render_reference(identity, size=IMAGE_SIZE, seed=seed).astype(np.float32) / 255.0)
+
+
+class Generator:
+    """The world's models behind the nodes' own functions; one instance per process."""
+
+    def __init__(self, vision: str = "random", steps: int = STEPS, cfg: float = CFG):
+        self.models = load_world(vision=VISION_FILES[vision])
+        self.size, self.steps, self.cfg = IMAGE_SIZE, steps, cfg
+        self.apply, self.subject, self.prompt = (pack_module(f"nodes.{m}") for m in ("apply", "subject", "prompt"))
+        self.patched = self.apply.apply_nested_attention(self.models.patcher)
+        self.negative = self.models.clip.encode_from_tokens_scheduled(self.models.clip.tokenize(NEGATIVE))
+
+    def encode_subject(self, weights, references: torch.Tensor):
+        """SUBJECT from [B, H, W, 3] reference photos (B > 1: tokens concatenated, as Encode Subject does)."""
+        return self.subject.encode_subject(weights, self.models.clip_vision, references)
+
+    @torch.no_grad()
+    def image(self, caption: str, seed: int, subjects: list[tuple] = ()) -> torch.Tensor:
+        """[H, W, 3] in 0..1. subjects: (SUBJECT, word, λ) bound to the caption; none: the base model."""
+        import comfy.sample
+
+        positive = self.prompt.encode_prompt(self.models.clip, caption)
+        for subject, word, lam in subjects:
+            positive = self.prompt.bind_subject(positive, subject.with_lambda(lam), word, 0)
+        model = self.patched if subjects else self.models.patcher
+        latent = torch.zeros(1, 4, self.size // 8, self.size // 8)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        samples = comfy.sample.sample(model, noise, self.steps, self.cfg, SAMPLER, SCHEDULER, positive, self.negative, latent,
+                                      seed=seed, disable_pbar=True)
+        return self.models.vae.decode(samples)[0].float().clamp(0, 1).cpu()
+
+
+def evaluate(domain: str, weights_path: str | Path | None = None, *, n_identities: int = 16, per_identity: int = 1,
+             lambdas=(1.0, 2.0, 3.0), steps: int = STEPS, vision: str = "random", keep_images: bool = False) -> dict:
+    """Per-case scores of every condition: identity similarity (cosine to the reference's embedding), identity
+    attributes read back, prompt accuracy; plus the images when keep_images."""
+    from .metrics import WorldMetrics
+
+    core = pack_module("nested_core")
+    weights = core.load_weights(weights_path or WEIGHTS[domain])
+    gen = Generator(vision=vision, steps=steps)
+    metrics = WorldMetrics.load()
+    word = world.SUBJECT_WORD[domain]
+    todo = cases(domain, n_identities, per_identity)
+    references = torch.stack([reference_photo(c.identity, c.reference_seed) for c in todo])
+    others = references.roll(per_identity, dims=0)  # the next identity's photo: a different held-out person/dog
+    t0 = time.time()
+    images: dict[str, list[torch.Tensor]] = {"base": []}
+    for i, case in enumerate(todo):
+        images["base"].append(gen.image(case.caption, case.seed))
+        own = gen.encode_subject(weights, references[i : i + 1])
+        for lam in lambdas:
+            images.setdefault(f"nested λ={lam:g}", []).append(gen.image(case.caption, case.seed, [(own, word, lam)]))
+        other = gen.encode_subject(weights, others[i : i + 1])
+        images.setdefault("other reference", []).append(gen.image(case.caption, case.seed, [(other, word, 1.0)]))
+    seconds = time.time() - t0
+    scenes = [c.scene for c in todo]
+    identities = [c.identity for c in todo]
+    scores = {}
+    for condition, tiles in images.items():
+        batch = torch.stack(tiles)
+        scores[condition] = {
+            "identity_similarity": metrics.identity_similarity(batch, references, domain=domain).tolist(),
+            "identity_attributes": metrics.identity_attribute_accuracy(batch, identities).tolist(),
+            "prompt_accuracy": metrics.prompt_accuracy(batch, scenes).tolist(),
+            "prompt_fields": {k: v.tolist() for k, v in metrics.prompt_field_accuracy(batch, scenes).items()},
+        }
+    result = {"domain": domain, "weights": str(weights_path or WEIGHTS[domain]), "cases": len(todo), "steps": steps,
+              "cfg": gen.cfg, "seconds": seconds, "scores": scores,
+              "captions": [c.caption for c in todo]}
+    if keep_images:
+        result["images"] = {k: torch.stack(v) for k, v in images.items()}
+        result["references"] = references
+    return result
+
+
+def bootstrap_ci(values, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, 2.5 %, 97.5 %) of the mean over cases, resampled."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(1)
+    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def summary(result: dict) -> str:
+    lines = [f"{result['domain']}: {result['cases']} held-out cases, {result['steps']} steps, {result['seconds']:.0f} s of sampling",
+             f"{'condition':<18} {'identity sim.':>22} {'id. attributes':>22} {'prompt acc.':>22}"]
+    for condition, s in result["scores"].items():
+        cells = [bootstrap_ci(s[k]) for k in ("identity_similarity", "identity_attributes", "prompt_accuracy")]
+        lines.append(f"{condition:<18} " + " ".join(f"{m:>8.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in cells))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m miniworld.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--domain", choices=world.DOMAINS, required=True)
+    p.add_argument("--weights", help="nested-attention weights (default: the shipped ones for the domain)")
+    p.add_argument("--identities", type=int, default=16)
+    p.add_argument("--per-identity", type=int, default=1)
+    p.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 2.0, 3.0])
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--vision", choices=("random", "trained"), default="random")
+    p.add_argument("--out", type=Path, help="write the per-case scores as JSON")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    result = evaluate(args.domain, args.weights, n_identities=args.identities, per_identity=args.per_identity,
+                      lambdas=args.lambdas, steps=args.steps, vision=args.vision)
+    print(summary(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
