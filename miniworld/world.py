@@ -396,7 +396,7 @@ def render_reference(identity: Identity, *, size: int = 64, seed: int = 0) -> np
 
 
 # ------------------------------------------------------------------------------------------ files and CLI
-def make_triplets(domain: str, out_dir: str | Path, n: int, *, seed: int, identities: list[Identity] | None = None) -> Path:
+def make_triplets(domain: str, out_dir: str | Path, n: int, *, seed: int, identities: list[Identity] | None = None, size: int = 64) -> Path:
     """Write n (reference, target, caption) rows as PNGs and `manifest.jsonl`; returns the manifest's path.
 
     Identities default to the training split. Rows also carry `identity` (index) and `scene` for evaluation."""
@@ -412,8 +412,8 @@ def make_triplets(domain: str, out_dir: str | Path, n: int, *, seed: int, identi
             scene = sample_scene(rng)
             target_seed, reference_seed = (int(s) for s in rng.integers(2**31, size=2))
             name = f"{i:06d}.png"
-            Image.fromarray(render_reference(identity, seed=reference_seed)).save(out / "ref" / name)
-            Image.fromarray(render(identity, scene, seed=target_seed)).save(out / "tgt" / name)
+            Image.fromarray(render_reference(identity, size=size, seed=reference_seed)).save(out / "ref" / name)
+            Image.fromarray(render(identity, scene, size=size, seed=target_seed)).save(out / "tgt" / name)
             text = caption(domain, scene, variant=int(rng.integers(len(CAPTION_TEMPLATES))))
             row = {"input": f"ref/{name}", "target": f"tgt/{name}", "caption": text, "word": SUBJECT_WORD[domain], "identity": identity.index, "scene": asdict(scene)}
             f.write(json.dumps(row) + "\n")
@@ -442,13 +442,23 @@ def main(argv: list[str] | None = None) -> None:
     triplets.add_argument("--n", type=int, default=5000)
     triplets.add_argument("--seed", type=int, default=0)
     triplets.add_argument("--split", choices=("train", "heldout"), default="train", help="held-out rows are for evaluation only")
+    triplets.add_argument("--size", type=int, default=64, help="image side in px (the demo world's base model: 128)")
+    reference = commands.add_parser("reference", help="a reference photo of a held-out identity (for Load Image)")
+    reference.add_argument("--domain", choices=DOMAINS, required=True)
+    reference.add_argument("--out", required=True)
+    reference.add_argument("--index", type=int, default=0, help="which evaluation identity")
+    reference.add_argument("--size", type=int, default=128)
     sheet = commands.add_parser("sheet", help="a contact sheet of identities x styles")
     sheet.add_argument("--out", required=True)
     sheet.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling, to look at it")
     args = parser.parse_args(argv)
     if args.command == "triplets":
         pool = train_identities(args.domain) if args.split == "train" else heldout_identities(args.domain)
-        print(make_triplets(args.domain, args.out, args.n, seed=args.seed, identities=pool))
+        print(make_triplets(args.domain, args.out, args.n, seed=args.seed, identities=pool, size=args.size))
+    elif args.command == "reference":
+        identity = eval_identities(args.domain, args.index + 1)[args.index]
+        Image.fromarray(render_reference(identity, size=args.size)).save(args.out)
+        print(args.out)
     else:
         image = Image.fromarray(contact_sheet())
         image.resize((image.width * args.scale, image.height * args.scale), Image.NEAREST).save(args.out)
