@@ -1,0 +1,65 @@
+"""Retrain the demo world's files from scratch, one command each (wall times on a 2-core CPU: docs/miniworld.md).
+
+    python -m miniworld.retrain nested --domain person     # data + `python -m training.train --world ...`
+    python -m miniworld.retrain all                        # base (VAE, UNet), vision, metrics, both nested weights
+
+Nested-attention weights are trained by the very CLI users run (`python -m training.train`), on triplets the
+world generates from training identities only (held-out identities never appear).
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .world import SUBJECT_WORD
+
+ROOT = Path(__file__).resolve().parents[1]
+NESTED_DIR = ROOT / "miniworld" / "weights" / "nested"  # = evaluate.NESTED_DIR (this module stays host-free: it only starts processes)
+ROWS, STEPS = 6000, 1200
+
+
+def nested_commands(domain: str, work: Path, steps: int = STEPS) -> list[list[str]]:
+    data, run = work / f"data_{domain}", work / f"nested_{domain}"
+    return [
+        [sys.executable, "-m", "miniworld.world", "triplets", "--domain", domain, "--out", str(data), "--n", str(ROWS),
+         "--size", "128", "--seed", "1"],
+        [sys.executable, "-m", "training.train", "--world", "--manifest", str(data / "manifest.jsonl"), "--word", SUBJECT_WORD[domain],
+         "--domain", domain, "--resolution", "128", "--center-crop", "--train-batch-size", "16", "--max-train-steps", str(steps),
+         "--learning-rate", "5e-4", "--lr-scheduler", "cosine", "--lr-warmup-steps", "50", "--checkpointing-steps", "200",
+         "--validation-steps", str(steps), "--output-dir", str(run), "--overwrite",
+         "--export", str(NESTED_DIR / f"nested_{domain}.safetensors")],
+    ]
+
+
+def run(commands: list[list[str]]) -> float:
+    t0 = time.time()
+    for command in commands:
+        print("$", " ".join(command[1:]), flush=True)
+        subprocess.run(command, cwd=ROOT, check=True)
+    return time.time() - t0
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m miniworld.retrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=("nested", "all"))
+    p.add_argument("--domain", choices=tuple(SUBJECT_WORD), help="with 'nested': which weights (default: both)")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "world", help="data and training runs (not shipped)")
+    p.add_argument("--steps", type=int, default=STEPS)
+    args = p.parse_args(argv)
+    times = {}
+    if args.what == "all":
+        for part in ("vae", "unet", "vision"):
+            times[part] = run([[sys.executable, "-m", "miniworld.train_base", part]])
+        times["metrics"] = run([[sys.executable, "-m", "miniworld.train_metrics"]])
+    NESTED_DIR.mkdir(parents=True, exist_ok=True)
+    for domain in ([args.domain] if args.domain else list(SUBJECT_WORD)):
+        times[f"nested {domain}"] = run(nested_commands(domain, args.work, args.steps))
+    for name, seconds in times.items():
+        print(f"{name}: {seconds / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
