@@ -17,7 +17,7 @@ import argparse
 import json
 import re
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +84,7 @@ def identity_from_index(domain: str, i: int) -> Identity:
     return Identity(domain, tuple(int(v) for v in np.unravel_index(i, _radix(domain))))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _split(domain: str) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng([SPLIT_SEED, DOMAINS.index(domain)]).permutation(num_identities(domain))
     n_heldout = round(HELDOUT_FRACTION * len(order))
@@ -293,18 +293,16 @@ def draw_dog(pen: Pen, identity: Identity, hat: bool) -> None:
         pen.rect(x, (by + feet) / 2, 0.075, feet - by, fur, radius=0.02)
     pen.ellipse(bx, by, bw, bh, fur)
     draw_fur_pattern(pen, a["pattern"], bx, by, bw, bh, fur2)
-    if a["ears"] == "floppy":
-        ears = lambda: pen.ellipse(hx - 0.09, hy + 0.03, 0.1, 0.22, fur2)  # noqa: E731  (drawn over the head)
-    elif a["ears"] == "pointy":
+    if a["ears"] == "pointy":
         pen.polygon([(hx - 0.12, hy - 0.06), (hx - 0.0, hy - 0.1), (hx - 0.1, hy - 0.27)], fur2)
-    else:
+    elif a["ears"] == "round":
         pen.ellipse(hx - 0.06, hy - 0.12, 0.13, 0.13, fur2)
     pen.ellipse(hx, hy, 2 * r, 2 * r, fur)
     pen.ellipse(hx + 0.13, hy + 0.05, 0.15, 0.11, fur)
     pen.ellipse(hx + 0.2, hy + 0.03, 0.06, 0.05, (15, 15, 15))
     pen.ellipse(hx + 0.04, hy - 0.03, 0.05, 0.05, (15, 15, 15))
-    if a["ears"] == "floppy":
-        ears()
+    if a["ears"] == "floppy":  # hanging in front of the head
+        pen.ellipse(hx - 0.09, hy + 0.03, 0.1, 0.22, fur2)
     if collar is not None:
         pen.arc(hx, hy, 2 * r + 0.02, 2 * r + 0.02, 75, 170, collar, 0.06)
     if hat:
