@@ -5,6 +5,7 @@ from .apply import ApplyNestedAttention
 from .loader import FOLDER, LoadNestedAttention, register_model_folder
 from .prompt import BindToken, EncodePrompt
 from .subject import AttentionScale, CombineSubjects, EncodeSubject
+from .subject_files import LoadSubject, SaveSubject
 from .world_loader import LoadMiniWorld
 
 
@@ -23,4 +24,4 @@ class NestedAttentionExtension(ComfyExtension):
         register_world_weights()
         # the demo world's loader: its own category; no other node depends on miniworld/
         return [LoadNestedAttention, EncodeSubject, CombineSubjects, AttentionScale, EncodePrompt, BindToken, ApplyNestedAttention,
-                LoadMiniWorld]
+                SaveSubject, LoadSubject, LoadMiniWorld]

@@ -1,8 +1,10 @@
 """Load Nested Attention: a weights file from models/nested_attention."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from dataclasses import dataclass
 
 import folder_paths
 from comfy_api.latest import io
@@ -13,6 +15,22 @@ from .types import NestedAttentionType
 FOLDER = "nested_attention"
 EXTENSIONS = {".safetensors"}
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """Where a loaded NESTED_ATTENTION came from (its `.source`): subject files name it and check it by hash."""
+
+    name: str  # as Load Nested Attention lists it, e.g. "faces.safetensors"
+    sha256: str  # of the whole file, hex
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def register_model_folder() -> None:
@@ -41,6 +59,8 @@ class LoadNestedAttention(io.ComfyNode):
     def execute(cls, weights_name: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER, weights_name)
         weights = load_weights(path)
+        # hashed at load, not later: the hash must be of the bytes these weights came from (about 1 s per GB)
+        weights.source = WeightsFile(weights_name, file_sha256(path))
         c = weights.config
         log.info("loaded %s: %s %s, %d layers, %d queries, expects %s", weights_name, c.base_model, c.domain, len(c.layers), c.num_queries, c.vision_encoder)
         return io.NodeOutput(weights)

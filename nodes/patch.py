@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..nested_core import NestedAttentionModel, NestedKV, nested_attention, repeated_positions
@@ -50,6 +51,9 @@ class Binding:
     subject: Subject
     positions: tuple[int, ...]
     context_len: int
+    # where the subject applies: [1 or batch, H, W] in 0..1 at any resolution (stretched to each layer's latent grid);
+    # None = everywhere. Not compared: a tensor has no truth value
+    mask: Tensor | None = field(default=None, compare=False)
 
 
 def _bindings_as_sampled(cond: dict) -> tuple[Binding, ...]:
@@ -84,7 +88,8 @@ class NestedAttentionPatch:
         self.layers = set(layers or ())  # the layer keys this patch is installed on
         self.previous = dict(previous or {})  # layer key -> an earlier attn2 replace patch, chained
         self.query_chunk = query_chunk
-        # (id, layer, (device, dtype)) -> (subject, K̆, V̆); (id, 'tokens', (device, dtype)) -> (subject, E)
+        # (id, layer, (device, dtype)) -> (subject, K̆, V̆); (id, 'tokens', (device, dtype)) -> (subject, E);
+        # (id, 'mask', (h, w), (device, dtype)) -> (mask, mask on that latent grid [batch, h·w, 1])
         self._cache: dict[tuple, tuple] = {}
 
     def __deepcopy__(self, memo):
@@ -119,6 +124,19 @@ class NestedAttentionPatch:
                 tokens = self._cache[(id(subject), "tokens", where)] = (subject, subject.tokens.to(like.device, like.dtype))
             cached = self._cache[(id(subject), key, where)] = (subject, *subject.weights.project(key, tokens[1]))
         return cached[1], cached[2]
+
+    def region(self, mask: Tensor, extra_options: dict, like: Tensor) -> Tensor:
+        """A binding's mask on this layer's latent grid as a per-query weight [1 or batch, h·w, 1] in like's dtype,
+        resized once per grid size, mask and device per run. Area interpolation: a cell's weight is the mean of the
+        mask over the cell (exact 0 / 1 where the cell is wholly outside / inside; downscaling never aliases)."""
+        h, w = _latent_grid(like.shape[1], extra_options)
+        where = (like.device, like.dtype)
+        cached = self._cache.get((id(mask), "mask", (h, w), where))
+        if cached is None or cached[0] is not mask:
+            grid = F.interpolate(mask[:, None].float(), size=(h, w), mode="area")  # [batch, 1, h, w]
+            grid = grid.reshape(grid.shape[0], h * w, 1).to(like.device, like.dtype)  # one weight per query position
+            cached = self._cache[(id(mask), "mask", (h, w), where)] = (mask, grid)
+        return cached[1]
 
     @property
     def cache_nbytes(self) -> int:
@@ -174,11 +192,6 @@ class NestedAttentionPatch:
             q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
         )
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, subjects: list[NestedKV], *, heads: int, base: Tensor) -> Tensor:
-        """The rows of one bound conditioning: nested attention. The one step a subclass may swap (the
-        paper's comparison mechanisms in baselines/ do; the nodes never use them)."""
-        return nested_attention(q, k, v, subjects, heads=heads, base=base, query_chunk=self.query_chunk)
-
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
         key = (*extra_options["block"], extra_options.get("block_index", 0))
         base = self.base_attention(key, q, k, v, extra_options)
@@ -196,18 +209,53 @@ class NestedAttentionPatch:
             if not bindings:
                 pieces.append(base[part])
                 continue
-            subjects = [
-                NestedKV(
-                    positions=repeated_positions(b.positions, b.context_len, k.shape[1]),
-                    keys=(kv := self.projections(b.subject, key, q))[0],
-                    values=kv[1],
-                    lam=b.subject.lam,
-                    alpha=b.subject.weights.config.alpha,
-                )
-                for b in bindings
-            ]
-            nested = self.attend(q[part], k[part], v[part], subjects, heads=extra_options["n_heads"], base=base[part])
+            whole = [b for b in bindings if b.mask is None]
+            nested = self._nested(whole, key, q[part], k[part], v[part], base[part], extra_options) if whole else None
+            for b in bindings:
+                if b.mask is None:
+                    continue
+                # regional: this subject's own correction, weighted per query position by its mask
+                m = self.region(b.mask, extra_options, q)  # [1 or rows, N, 1]
+                if m.shape[0] not in (1, rows):
+                    raise ValueError(f"Bind Token's mask holds {m.shape[0]} masks for a batch of {rows} latents: give one mask "
+                                     "(used for every latent) or one per latent")
+                alone = self._nested([b], key, q[part], k[part], v[part], base[part], extra_options)
+                # out = base + m·(alone − base), as lerp: exactly the input where m = 0, exactly `alone` where m = 1
+                nested = torch.lerp(base[part], alone, m) if nested is None else torch.lerp(nested, alone + (nested - base[part]), m)
             if out is not None:
                 out[part] = nested
             pieces.append(nested)
         return out if out is not None else torch.cat(pieces)
+
+    def _nested(self, bindings, key: LayerKey, q: Tensor, k: Tensor, v: Tensor, base: Tensor, extra_options: dict) -> Tensor:
+        """These rows with `bindings` applied everywhere (one call for all of them)."""
+        subjects = [
+            NestedKV(
+                positions=repeated_positions(b.positions, b.context_len, k.shape[1]),
+                keys=(kv := self.projections(b.subject, key, q))[0],
+                values=kv[1],
+                lam=b.subject.lam,
+                alpha=b.subject.weights.config.alpha,
+            )
+            for b in bindings
+        ]
+        return nested_attention(q, k, v, subjects, heads=extra_options["n_heads"], base=base, query_chunk=self.query_chunk)
+
+
+def _latent_grid(queries: int, extra_options: dict) -> tuple[int, int]:
+    """(h, w) of the image grid a layer's `queries` positions come from: the host's activations_shape [B, C, h, w],
+    else the latent's original_shape divided by the layer's downscale (SDXL's stride-2 convs round up)."""
+    shape = extra_options.get("activations_shape")
+    if shape is not None and len(shape) == 4 and shape[2] * shape[3] == queries:
+        return int(shape[2]), int(shape[3])
+    original = extra_options.get("original_shape")
+    if original is not None and len(original) >= 2:
+        height, width = original[-2:]
+        for scale in (1, 2, 4, 8, 16, 32, 64):
+            h, w = -(-height // scale), -(-width // scale)
+            if h * w == queries:
+                return h, w
+    raise ValueError(
+        f"a regional mask needs the layer's image grid, and this host reports none that fits {queries} query positions "
+        f"(activations_shape {shape}, original_shape {original}): disconnect Bind Token's mask, or update ComfyUI"
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from comfy_api.latest import io
 
 from ..nested_core import find_token_positions
@@ -87,8 +88,26 @@ def encode_prompt(clip, text: str) -> list:
     return [[cond, {**extras, PROMPT_TOKENS: prompt_tokens}] for cond, extras in clip.encode_from_tokens_scheduled(tokens)]
 
 
-def bind_subject(conditioning: list, subject: Subject, word: str, occurrence: int) -> list:
-    """The conditioning with `subject` bound to `word`; every entry must carry its prompt tokens."""
+def region_mask(mask) -> torch.Tensor | None:
+    """Bind Token's optional MASK as [batch, H, W] float32 in 0..1 (None: the subject applies everywhere)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3) or 0 in mask.shape:
+        raise ValueError(f"the mask must be a MASK [H, W] or [batch, H, W]; got {getattr(mask, 'shape', type(mask).__name__)}")
+    mask = mask.detach().reshape(-1, *mask.shape[-2:]).float()
+    if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
+        raise ValueError(f"mask values must lie in 0..1 (got {mask.min().item():g} to {mask.max().item():g}): "
+                         "clamp or normalise the mask first (e.g. with a Threshold or Mask Composite node)")
+    if not (mask > 0).any():
+        raise ValueError("the mask is 0 everywhere, so the subject would appear nowhere: paint the subject's region white "
+                         "(Load Image's mask of an image without alpha is all 0), or disconnect the mask to personalise the whole image")
+    return mask
+
+
+def bind_subject(conditioning: list, subject: Subject, word: str, occurrence: int, mask: torch.Tensor | None = None) -> list:
+    """The conditioning with `subject` bound to `word`; every entry must carry its prompt tokens.
+    `mask` (optional, [H, W] or [batch, H, W] in 0..1): the subject's correction applies only there, blended for soft values."""
+    mask = region_mask(mask)
     word = word.strip().lower() or subject.weights.config.bound_word
     out = []
     for cond, extras in conditioning:
@@ -113,7 +132,7 @@ def bind_subject(conditioning: list, subject: Subject, word: str, occurrence: in
         taken = {p for b in bindings for p in b.positions} & set(positions)
         if taken:
             raise ValueError(f"'{word}' at token(s) {sorted(taken)} is already bound to a subject; bind the other subject to another word")
-        out.append([cond, {**extras, BINDINGS: (*bindings, Binding(subject, tuple(positions), cond.shape[1]))}])
+        out.append([cond, {**extras, BINDINGS: (*bindings, Binding(subject, tuple(positions), cond.shape[1], mask))}])
     return out
 
 
@@ -133,14 +152,18 @@ class BindToken(io.ComfyNode):
                                                             "Empty: the word the weights were trained on."),
                 io.Int.Input("occurrence", default=0, min=0, max=64, step=1,
                              tooltip="Which occurrence of the word: 0 = every occurrence, 1 = the first, 2 = the second, …"),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional: where in the image this subject may appear (white = here, grey = partly). "
+                                      "Stretched to the latent (area average), so give it the image's aspect ratio. "
+                                      "Unconnected: everywhere. Use one per subject to keep two people in their own regions."),
             ],
             outputs=[io.Conditioning.Output(tooltip="The conditioning with the subject bound; only it is personalised.")],
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, conditioning, subject: Subject, word: str, occurrence: int) -> io.NodeOutput:
+    def execute(cls, conditioning, subject: Subject, word: str, occurrence: int, mask=None) -> io.NodeOutput:
         # before any sampling: a wiring that would drop the subject silently is an error that names the fix
         if cls.hidden is not None:  # None when called outside the host's executor
             check_bound_conditioning_use(cls.hidden.prompt, cls.hidden.unique_id)
-        return io.NodeOutput(bind_subject(conditioning, subject, word, occurrence))
+        return io.NodeOutput(bind_subject(conditioning, subject, word, occurrence, mask))
