@@ -192,6 +192,11 @@ class NestedAttentionPatch:
             q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
         )
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, subjects: list[NestedKV], *, heads: int, base: Tensor) -> Tensor:
+        """The rows of one bound conditioning: nested attention. The one step a subclass may swap (the
+        paper's comparison mechanisms in baselines/ do; the nodes never use them)."""
+        return nested_attention(q, k, v, subjects, heads=heads, base=base, query_chunk=self.query_chunk)
+
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
         key = (*extra_options["block"], extra_options.get("block_index", 0))
         base = self.base_attention(key, q, k, v, extra_options)
@@ -239,7 +244,7 @@ class NestedAttentionPatch:
             )
             for b in bindings
         ]
-        return nested_attention(q, k, v, subjects, heads=extra_options["n_heads"], base=base, query_chunk=self.query_chunk)
+        return self.attend(q, k, v, subjects, heads=extra_options["n_heads"], base=base)
 
 
 def _latent_grid(queries: int, extra_options: dict) -> tuple[int, int]:
