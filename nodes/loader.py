@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import folder_paths
 from comfy_api.latest import io
 
-from ..nested_core import load_weights
+from ..nested_core import load_weights, read_config
 from .types import NestedAttentionType
 
 FOLDER = "nested_attention"
@@ -58,6 +58,10 @@ class LoadNestedAttention(io.ComfyNode):
     @classmethod
     def execute(cls, weights_name: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER, weights_name)
+        mechanism = read_config(path)[1].get("mechanism", "nested")
+        if mechanism != "nested":
+            raise ValueError(f"{weights_name} was trained for the '{mechanism}' baseline of the paper's comparison (baselines/), "
+                             "not for nested attention; load a file trained with the default --mechanism nested")
         weights = load_weights(path)
         # hashed at load, not later: the hash must be of the bytes these weights came from (about 1 s per GB)
         weights.source = WeightsFile(weights_name, file_sha256(path))

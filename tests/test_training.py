@@ -202,3 +202,18 @@ def test_two_gloo_processes_write_a_valid_checkpoint(host, manifest, tmp_path):
 def _argv(manifest: Path, out: Path) -> list[str]:
     return ["--tiny", "--manifest", str(manifest), "--output-dir", str(out), "--resolution", "64", "--dataloader-num-workers", "0",
             "--report-to", "none", "--validation-steps", "0", "--lr-warmup-steps", "0"]
+
+
+def test_a_baseline_mechanism_trains_through_the_same_loop_and_the_nodes_refuse_its_weights(host, manifest, tmp_path, monkeypatch):
+    """--mechanism picks the patch inside the one loop (the paper's comparison); its file says so, and Load Nested
+    Attention will not run a baseline's weights as nested attention."""
+    train, _ = host
+    import folder_paths
+
+    result = run_training(train, manifest, tmp_path / "gv", "--max-train-steps", "1", "--mechanism", "global_v")
+    _, metadata = pack_module("nested_core").read_config(result["export"])
+    assert metadata["mechanism"] == "global_v" and json.loads(metadata["training_args"])["mechanism"] == "global_v"
+    loader = pack_module("nodes.loader")
+    monkeypatch.setattr(folder_paths, "get_full_path_or_raise", lambda folder, name: str(result["export"]))
+    with pytest.raises(ValueError, match="trained for the 'global_v' baseline .* not for nested attention"):
+        loader.LoadNestedAttention.execute("gv.safetensors")

@@ -44,6 +44,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--alpha", type=float, default=2.0, help="value-norm target α (≤ 0: no rescaling)")
     g.add_argument("--word", default=data_lib.DEFAULT_WORD, help="bound word of rows that name none; stored as the weights' bound_word")
     g.add_argument("--domain", default="faces")
+    g.add_argument("--mechanism", choices=("nested", "decoupled", "global_v", "multiple_tokens"), default="nested",
+                   help="how the subject tokens enter cross-attention; anything but 'nested' is a baseline of the paper's "
+                        "comparison (baselines/), whose weights the nodes refuse")
 
     g = p.add_argument_group("data")
     g.add_argument("--manifest", required=True, help="JSONL manifest (see training/README.md)")

@@ -69,7 +69,8 @@ def load_training_state(path: Path, nested: nn.Module, optimizer, scaler) -> Non
 def export_metadata(state: dict) -> dict:
     """What a weights file records of its training: the step and the run's identity (never its paths), so two
     identical runs into different folders write byte-identical files."""
-    return {"training_step": state["global_step"], "training_run": state["fingerprint"], "training_args": json.dumps(state["run"], sort_keys=True)}
+    return {"training_step": state["global_step"], "training_run": state["fingerprint"], "mechanism": state["run"]["mechanism"],
+            "training_args": json.dumps(state["run"], sort_keys=True)}
 
 
 def save_checkpoint(accelerator, args, nested, optimizer, ema, state: dict) -> Path:

@@ -180,20 +180,26 @@ class RowPrompts:
         self.rows = rows
 
 
+def patch_class(mechanism: str) -> type:
+    """The nodes' NestedAttentionPatch, or (for the paper's comparison) a baseline's patch built on it."""
+    if mechanism == "nested":
+        return pack_module("nodes.patch").NestedAttentionPatch
+    return pack_module("baselines.patch").MECHANISMS[mechanism]
+
+
 class NestedTrainer(nn.Module):
     """The trained weights plus the forward that runs the frozen UNet with the nodes' patch.
 
     Only `nested` is a submodule (DDP syncs and saves just it); the frozen UNet rides along
     outside the module tree. Every use of the trainable weights happens inside forward()."""
 
-    def __init__(self, nested: nn.Module, frozen: Frozen):
+    def __init__(self, nested: nn.Module, frozen: Frozen, mechanism: str = "nested"):
         super().__init__()
         self.nested = nested
         self.__dict__["frozen"] = frozen  # not a submodule
-        patch_mod = pack_module("nodes.patch")
         core = pack_module("nested_core")
         self.layer_keys = list(core.attn2_layers(frozen.model.diffusion_model))
-        self.__dict__["patch"] = patch_mod.NestedAttentionPatch(layers=self.layer_keys)
+        self.__dict__["patch"] = patch_class(mechanism)(layers=self.layer_keys)
 
     def forward(self, x0: Tensor, noise: Tensor, sigma: Tensor, context: Tensor, y: Tensor, vision: Tensor, prompts: RowPrompts) -> Tensor:
         """Per-row loss [B]: the base model's own objective with row i bound through prompts.rows[i]."""

@@ -23,7 +23,7 @@ WEIGHTS_NAME = "nested_attention.safetensors"  # ready-to-use weights file insid
 RUN_FILES = ("checkpoints", "metrics.jsonl", "logs", "validation", "args.json", WEIGHTS_NAME)  # what a run writes in its folder
 
 # What must be equal to continue a run: they define the model, the data stream and its randomness.
-MUST_MATCH = ("seed", "manifest_sha256", "models", "world_size", "init_weights", "num_queries", "qformer_dim", "qformer_depth", "qformer_heads",
+MUST_MATCH = ("seed", "manifest_sha256", "models", "world_size", "mechanism", "init_weights", "num_queries", "qformer_dim", "qformer_depth", "qformer_heads",
               "alpha", "word", "domain", "resolution", "center_crop", "caption_dropout", "image_dropout", "train_batch_size",
               "gradient_accumulation_steps")
 # What may change on resume (a new learning rate, more threads), reported because the run is then no longer exact.

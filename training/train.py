@@ -118,7 +118,7 @@ def main(args: argparse.Namespace) -> dict:
     frozen, nested = build_models(args, device, weight_dtype)
     dataset = data_lib.TripletDataset(report.rows, resolution=args.resolution, input_size=frozen.clip_vision.image_size,
                                       center_crop=args.center_crop, seed=args.seed)
-    model = NestedTrainer(nested, frozen)
+    model = NestedTrainer(nested, frozen, args.mechanism)
     optimizer = torch.optim.AdamW(nested.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     batches_per_epoch = data_lib.ShardedBatches.batches_per_epoch(len(dataset), args.train_batch_size, world, args.gradient_accumulation_steps)

@@ -22,7 +22,10 @@ def validation_grid(args, frozen: Frozen, weights, images: list, device) -> Tens
 
     apply_mod, subject_mod, prompt_mod, patch_mod = (pack_module(f"nodes.{m}") for m in ("apply", "subject", "prompt", "patch"))
     res = args.validation_resolution or args.resolution
-    model = apply_mod.apply_nested_attention(frozen.patcher)
+    if args.mechanism == "nested":
+        model = apply_mod.apply_nested_attention(frozen.patcher)
+    else:  # a baseline of the paper's comparison: the same wiring with its patch
+        model = pack_module("baselines.patch").apply_mechanism(frozen.patcher, args.mechanism)
 
     negative = frozen.clip.encode_from_tokens_scheduled(frozen.clip.tokenize(args.validation_negative))
     rows = []
