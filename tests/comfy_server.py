@@ -98,9 +98,14 @@ for name in spec["images"]:
     tiny.save_test_image(Path(spec["input"]) / name)
 classes = load_nodes()
 prompts = {p: ui_to_api(json.loads(Path(p).read_text()), classes) for p in spec["workflows"]}
-tiny_prompts = {p: make_tiny(prompt, Path(spec["models"]), Path(spec["input"])) for p, prompt in prompts.items()}
+tiny_prompts = {p: make_tiny(prompt, Path(spec["models"]), Path(spec["input"])) for p, prompt in prompts.items() if p in spec["sdxl"]}
 Path(spec["out"]).write_text(json.dumps({"api": prompts, "tiny": tiny_prompts}))
 '''
+
+
+def uses_world(workflow: dict) -> bool:
+    """A workflow of the demo world (Load Mini World): it runs on the pack's shipped files, never on tiny stand-ins."""
+    return any(n["type"] == "NestedAttentionMiniWorldLoader" for n in workflow["nodes"])
 
 
 def widget_values(workflow: dict, node_type: str) -> set[str]:
@@ -124,14 +129,15 @@ def build_root(tmp: Path, python: str, settings: dict | None = None) -> tuple[Pa
         path.write_text(json.dumps(settings))
 
     workflows = {p: json.loads(p.read_text()) for p in WORKFLOWS}
-    weights = sorted(set().union(*(widget_values(w, "NestedAttentionLoader") for w in workflows.values())))
+    sdxl = {p: w for p, w in workflows.items() if not uses_world(w)}  # the world's run on its shipped files, never tiny ones
+    weights = sorted(set().union(*(widget_values(w, "NestedAttentionLoader") for w in sdxl.values())))
     images = sorted(set().union(*(widget_values(w, "LoadImage") for w in workflows.values())))
     models_dir, input_dir = root / "models" / "nested_attention", root / "input"
     models_dir.mkdir(parents=True, exist_ok=True)
     input_dir.mkdir(parents=True, exist_ok=True)
     out = tmp / "api_prompts.json"
     spec = {"weights": weights, "images": images, "models": str(models_dir), "input": str(input_dir),
-            "workflows": [str(p) for p in WORKFLOWS], "out": str(out)}
+            "workflows": [str(p) for p in WORKFLOWS], "sdxl": [str(p) for p in sdxl], "out": str(out)}
     res = subprocess.run([python, "-c", HELPER, json.dumps(spec)], cwd=REPO, capture_output=True, text=True)
     check(res.returncode == 0, f"writing the tiny files / converting the workflows failed:\n{res.stderr[-4000:]}")
     for name in weights:
