@@ -2,7 +2,7 @@
 
     python -m miniworld.train_base pool     # render the image pools once (cached under runs/miniworld/)
     python -m miniworld.train_base vae      # KL VAE, 128 px <-> 16x16x4 latents       (~12 min)
-    python -m miniworld.train_base unet     # v-prediction SDXL UNet on the VAE's latents (~40 min)
+    python -m miniworld.train_base unet     # v-prediction SDXL UNet on the VAE's latents (~37 min)
     python -m miniworld.train_base vision   # seeded random ViT + one trained on identity attributes
     python -m miniworld.train_base eval     # sample held-out prompts with the host's sampler, score them
 
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared: keep 1)")
     args = p.parse_args(argv)
-    defaults = {"pool": (0, 1, 0), "eval": (0, 1, 0), "vae": (12, 16, 2e-3), "unet": (38, 32, 5e-4), "vision": (8, 64, 1e-3)}[args.part]
+    defaults = {"pool": (0, 1, 0), "eval": (0, 1, 0), "vae": (12, 16, 2e-3), "unet": (34, 32, 1e-3), "vision": (6, 64, 1e-3)}[args.part]
     args.minutes = defaults[0] if args.minutes is None else args.minutes
     args.batch_size = args.batch_size or defaults[1]
     args.lr = args.lr or defaults[2]
