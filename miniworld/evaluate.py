@@ -28,7 +28,7 @@ from .models import IMAGE_SIZE, VISION_FILES, WEIGHTS_DIR, load_world  # noqa: E
 NESTED_DIR = WEIGHTS_DIR / "nested"  # the world's nested-attention weights; Load Nested Attention lists this folder too
 WEIGHTS = {domain: NESTED_DIR / f"nested_{domain}.safetensors" for domain in world.DOMAINS}
 NEGATIVE = ""  # the world's text encoder never saw a negative vocabulary: the empty prompt is its unconditional
-STEPS, CFG, SAMPLER, SCHEDULER = 20, 7.0, "euler", "normal"  # docs/miniworld.md "Base models": the recommended settings
+STEPS, CFG, SAMPLER, SCHEDULER = 20, 3.0, "euler", "normal"  # docs/miniworld.md "Base models": the recommended settings
 
 
 @dataclass(frozen=True)
