@@ -5,6 +5,7 @@ not yet, so no test claims it.)"""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def test_the_training_cli_continues_the_shipped_weights(tmp_path):
               "--resolution", "128", "--train-batch-size", "8", "--init-weights", str(WEIGHTS["person"]), "--learning-rate", "1e-5",
               "--lr-warmup-steps", "0", "--validation-steps", "0", "--report-to", "none", "--checkpointing-steps", "1",
               "--output-dir", str(tmp_path / "run")]
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(PACK_ROOT), "HOME": str(tmp_path)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PACK_ROOT)}  # COMFYUI_PATH, if set, too
     for steps, extra in (("2", []), ("3", ["--resume", "latest"])):
         proc = subprocess.run(common + ["--max-train-steps", steps, *extra], cwd=PACK_ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
