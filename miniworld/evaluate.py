@@ -88,7 +88,8 @@ class Generator:
 
 
 def evaluate(domain: str, weights_path: str | Path | None = None, *, n_identities: int = 16, per_identity: int = 1,
-             lambdas=(1.0, 2.0, 3.0), steps: int = STEPS, vision: str = "random", keep_images: bool = False) -> dict:
+             lambdas=(1.0, 2.0, 3.0), other_lambdas=(1.0,), steps: int = STEPS, vision: str = "random",
+             keep_images: bool = False) -> dict:
     """Per-case scores of every condition: identity similarity (cosine to the reference's embedding), identity
     attributes read back, prompt accuracy; plus the images when keep_images."""
     from .metrics import WorldMetrics
@@ -109,7 +110,9 @@ def evaluate(domain: str, weights_path: str | Path | None = None, *, n_identitie
         for lam in lambdas:
             images.setdefault(f"nested λ={lam:g}", []).append(gen.image(case.caption, case.seed, [(own, word, lam)]))
         other = gen.encode_subject(weights, others[i : i + 1])
-        images.setdefault("other reference", []).append(gen.image(case.caption, case.seed, [(other, word, 1.0)]))
+        for lam in other_lambdas:  # "other reference" alone is λ = 1
+            name = "other reference" if lam == 1.0 else f"other reference λ={lam:g}"
+            images.setdefault(name, []).append(gen.image(case.caption, case.seed, [(other, word, lam)]))
     seconds = time.time() - t0
     scenes = [c.scene for c in todo]
     identities = [c.identity for c in todo]
@@ -155,13 +158,14 @@ def main(argv=None) -> None:
     p.add_argument("--identities", type=int, default=16)
     p.add_argument("--per-identity", type=int, default=1)
     p.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 2.0, 3.0])
+    p.add_argument("--other-lambdas", type=float, nargs="+", default=[1.0], help="λ of the other-identity condition")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--vision", choices=("random", "trained"), default="random")
     p.add_argument("--out", type=Path, help="write the per-case scores as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     result = evaluate(args.domain, args.weights, n_identities=args.identities, per_identity=args.per_identity,
-                      lambdas=args.lambdas, steps=args.steps, vision=args.vision)
+                      lambdas=args.lambdas, other_lambdas=args.other_lambdas, steps=args.steps, vision=args.vision)
     print(summary(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
