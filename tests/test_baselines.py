@@ -13,10 +13,11 @@ from training.host import pack_module, setup_comfyui
 
 setup_comfyui(cpu=True)
 
-import comfy.sample  # noqa: E402
 from comfy.ldm.modules.attention import optimized_attention  # noqa: E402
 
 from training import tiny  # noqa: E402
+from sampling_helpers import encode  # noqa: E402
+from sampling_helpers import sample as _sample  # noqa: E402
 
 core = pack_module("nested_core")
 baselines = pack_module("baselines")
@@ -247,23 +248,8 @@ def clip():
     return tiny.tiny_clip(0)
 
 
-def encode(clip, text):
-    return prompt_mod.EncodePrompt.execute(clip, text).result[0]
-
-
-def sample(model, positive, negative, *, steps=2, cfg=5.0, batch=1, record=None, seed=1):
-    latent = torch.zeros(batch, 4, 8, 8)
-    m = model
-    if record is not None:
-        m = model.clone()
-
-        def cfg_function(args):  # sees cond and uncond predictions separately, each step
-            record.append((args["cond"].clone(), args["uncond"].clone()))
-            return args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]
-
-        m.set_model_sampler_cfg_function(cfg_function)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(m, noise, steps, cfg, "euler", "normal", positive, negative, latent, seed=seed, disable_pbar=True)
+def sample(*args, steps=2, **kwargs):  # two steps are enough here
+    return _sample(*args, steps=steps, **kwargs)
 
 
 def test_mechanisms_table_for_the_training_loop(model):

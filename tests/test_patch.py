@@ -9,10 +9,10 @@ from training.host import host_nodes, pack_module, setup_comfyui
 
 setup_comfyui(cpu=True)
 
-import comfy.sample  # noqa: E402
 from comfy.ldm.modules.attention import optimized_attention  # noqa: E402
 
 from training import tiny  # noqa: E402
+from sampling_helpers import encode, sample  # noqa: E402
 
 core = pack_module("nested_core")
 patch_mod = pack_module("nodes.patch")
@@ -48,23 +48,6 @@ def double(conditioning):
     return [[c.double(), {**e, "pooled_output": e["pooled_output"].double()}] for c, e in conditioning]
 
 
-def encode(clip, text):
-    return prompt_mod.EncodePrompt.execute(clip, text).result[0]
-
-
-def sample(model, positive, negative, *, steps=3, cfg=5.0, batch=1, record=None, seed=1):
-    latent = torch.zeros(batch, 4, 8, 8)
-    m = model
-    if record is not None:
-        m = model.clone()
-
-        def cfg_function(args):  # sees cond and uncond predictions separately, each step
-            record.append((args["cond"].clone(), args["uncond"].clone()))
-            return args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]
-
-        m.set_model_sampler_cfg_function(cfg_function)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(m, noise, steps, cfg, "euler", "normal", positive, negative, latent, seed=seed, disable_pbar=True)
 
 
 def identity_subject(weights, conditioning, position, m=6):
