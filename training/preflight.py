@@ -88,11 +88,8 @@ def check_manifest(args: argparse.Namespace, log=print) -> data_lib.ManifestRepo
 
 # --- the run's identity -----------------------------------------------------------------------------------
 def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The one file hash of the pack (Load Nested Attention's, which subject files record)."""
+    return pack_module("nodes.loader").file_sha256(path)
 
 
 def models_identity(args: argparse.Namespace) -> str:
