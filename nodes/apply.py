@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 from ..nested_core import attn2_layers
 from .patch import WRAPPER_KEY, NestedAttentionPatch
+from .types import CATEGORY
 
 
 def apply_nested_attention(model, start_percent: float = 0.0, end_percent: float = 1.0):
@@ -46,7 +47,7 @@ class ApplyNestedAttention(io.ComfyNode):
         return io.Schema(
             node_id="NestedAttentionApply",
             display_name="Apply Nested Attention",
-            category="model_patches/nested_attention",
+            category=CATEGORY,
             description="Patches the model's 70 cross-attention layers so subjects bound with Bind Token appear in the image. "
                         "Conditionings without a bound subject (e.g. the negative) are left exactly as they were.",
             inputs=[

@@ -10,7 +10,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..nested_core import load_weights, read_config
-from .types import NestedAttentionType
+from .types import CATEGORY, NestedAttentionType
 
 FOLDER = "nested_attention"
 EXTENSIONS = {".safetensors"}
@@ -46,7 +46,7 @@ class LoadNestedAttention(io.ComfyNode):
         return io.Schema(
             node_id="NestedAttentionLoader",
             display_name="Load Nested Attention",
-            category="loaders",
+            category=CATEGORY,
             description="Loads a nested-attention weights file (Q-Former + per-layer nested projections) from models/nested_attention.",
             inputs=[
                 io.Combo.Input("weights_name", options=folder_paths.get_filename_list(FOLDER),

@@ -16,7 +16,7 @@ from comfy_api.latest import io
 from ..nested_core import find_token_positions
 from .graph_checks import check_bound_conditioning_use
 from .patch import BINDINGS, PROMPT_TOKENS, Binding, Subject
-from .types import SubjectType
+from .types import CATEGORY, SubjectType
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class EncodePrompt(io.ComfyNode):
         return io.Schema(
             node_id="NestedAttentionEncodePrompt",
             display_name="Encode Prompt (Nested Attention)",
-            category="conditioning/nested_attention",
+            category=CATEGORY,
             description="CLIP Text Encode that also keeps the prompt's token ids, so Bind Token can find the subject word.",
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP text encoder (from your SDXL checkpoint)."),
@@ -142,7 +142,7 @@ class BindToken(io.ComfyNode):
         return io.Schema(
             node_id="NestedAttentionBindToken",
             display_name="Bind Token",
-            category="conditioning/nested_attention",
+            category=CATEGORY,
             description="Binds a subject to one word of the prompt: that word's attention value becomes the subject's. "
                         "Chain several Bind Token nodes for several subjects.",
             inputs=[

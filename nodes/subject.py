@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..nested_core import NestedAttentionModel
 from .patch import Subject
-from .types import NestedAttentionType, SubjectType
+from .types import CATEGORY, NestedAttentionType, SubjectType
 
 
 def encode_subject(weights: NestedAttentionModel, clip_vision, image: torch.Tensor) -> Subject:
@@ -38,7 +38,7 @@ class EncodeSubject(io.ComfyNode):
         return io.Schema(
             node_id="NestedAttentionEncodeSubject",
             display_name="Encode Subject",
-            category="conditioning/nested_attention",
+            category=CATEGORY,
             description="Turns reference photo(s) of one subject into nested-attention tokens. "
                         "Several images in the batch: their tokens are concatenated (better identity).",
             inputs=[
@@ -60,7 +60,7 @@ class CombineSubjects(io.ComfyNode):
         return io.Schema(
             node_id="NestedAttentionCombineSubjects",
             display_name="Combine Subjects",
-            category="conditioning/nested_attention",
+            category=CATEGORY,
             description="Concatenates two subjects' tokens: more photos of one subject, or two people mixed into one identity.",
             inputs=[SubjectType.Input("subject_a"), SubjectType.Input("subject_b")],
             outputs=[SubjectType.Output()],
@@ -82,7 +82,7 @@ class AttentionScale(io.ComfyNode):
         return io.Schema(
             node_id="NestedAttentionScale",
             display_name="Attention Scale λ",
-            category="conditioning/nested_attention",
+            category=CATEGORY,
             description="λ: how much attention the subject's word gets (logit ← max(l, λ·l)). "
                         "1 = as trained; higher = stronger identity, weaker prompt. The paper sweeps 1–4.",
             inputs=[

@@ -32,7 +32,7 @@ from safetensors.torch import save
 from ..nested_core import NestedAttentionModel
 from .loader import WeightsFile
 from .patch import Subject
-from .types import NestedAttentionType, SubjectType
+from .types import CATEGORY, NestedAttentionType, SubjectType
 
 FOLDER = "nested_attention_subjects"
 EXTENSION = ".safetensors"
@@ -125,7 +125,7 @@ class SaveSubject(io.ComfyNode):
         return io.Schema(
             node_id="NestedAttentionSaveSubject",
             display_name="Save Subject",
-            category="conditioning/nested_attention",
+            category=CATEGORY,
             description=f"Saves a subject (its tokens and λ, and which weights file made it) to models/{FOLDER}, so Load Subject "
                         "can use it without the photos, CLIP vision or the Q-Former. A name already taken gets a counter suffix; "
                         "no file is ever replaced.",
@@ -210,7 +210,7 @@ class LoadSubject(io.ComfyNode):
         return io.Schema(
             node_id="NestedAttentionLoadSubject",
             display_name="Load Subject",
-            category="conditioning/nested_attention",
+            category=CATEGORY,
             description=f"Loads a subject saved by Save Subject from models/{FOLDER}: no photos, CLIP vision or Q-Former needed. "
                         "It works only with the exact weights file that made it.",
             inputs=[

@@ -6,6 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..miniworld.models import VISION_FILES, load_world
+from .types import CATEGORY
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +17,7 @@ class LoadMiniWorld(io.ComfyNode):
         return io.Schema(
             node_id="NestedAttentionMiniWorldLoader",
             display_name="Load Mini World (demo)",
-            category="nested_attention/demo world",
+            category=CATEGORY + "/demo world",
             description=(
                 "Loads the pack's small demo world models (not SDXL): a tiny SDXL-architecture UNet "
                 "(v-prediction, 128x128 images), its dual text encoder, a VAE and a CLIP vision ViT, "

@@ -181,7 +181,7 @@ def test_unusable_files_are_refused_by_message(folders):
 def test_the_nodes_schemas(folders):
     save, load_ = files_mod.SaveSubject.GET_SCHEMA(), files_mod.LoadSubject.GET_SCHEMA()
     assert (save.node_id, load_.node_id) == ("NestedAttentionSaveSubject", "NestedAttentionLoadSubject")
-    assert save.category == load_.category == "conditioning/nested_attention" and save.is_output_node
+    assert save.category == load_.category == "nested_attention" and save.is_output_node
     assert all(i.tooltip for i in save.inputs + load_.inputs)
     paths, extensions = folder_paths.folder_names_and_paths[FOLDER]
     assert paths[0] == os.path.join(str(folders), FOLDER) and extensions == {".safetensors"}
