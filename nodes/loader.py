@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import folder_paths
 from comfy_api.latest import io
 
-from ..nested_core import load_weights, read_config
+from ..nested_core import WeightsFileError, load_weights, read_config
 from .types import CATEGORY, NestedAttentionType
 
 FOLDER = "nested_attention"
@@ -40,6 +40,32 @@ def register_model_folder() -> None:
     extensions.update(EXTENSIONS)
 
 
+def _mechanism_problem(weights_name: str, metadata: dict) -> str | None:
+    mechanism = metadata.get("mechanism", "nested")
+    if mechanism == "nested":
+        return None
+    return (f"{weights_name} was trained for the '{mechanism}' baseline of the paper's comparison (baselines/), "
+            "not for nested attention; load a file trained with the default --mechanism nested")
+
+
+def weights_file_problem(weights_name) -> str | None:
+    """Why Load Nested Attention cannot load `weights_name`, from the file's header alone (None: it looks loadable).
+    Run when the graph is queued, before any model loads; each message names the fix."""
+    if not isinstance(weights_name, str):  # linked from another node: known only when it runs
+        return None
+    path = folder_paths.get_full_path(FOLDER, weights_name)
+    if path is None:
+        return (f"no nested-attention weights file '{weights_name}' in models/{FOLDER} (searched "
+                f"{folder_paths.get_folder_paths(FOLDER)}): put the .safetensors file there, press R in ComfyUI to "
+                "refresh the list and pick it. Weights files are made by `python -m training.train` (--export); the demo "
+                "world's are shipped in the pack's miniworld/weights/nested/ and listed by this node")
+    try:
+        _config, metadata = read_config(path)
+    except WeightsFileError as e:  # not safetensors, not a nested-attention file, newer format, bad config
+        return str(e)  # names the file and the fix
+    return _mechanism_problem(weights_name, metadata)
+
+
 class LoadNestedAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -56,12 +82,16 @@ class LoadNestedAttention(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, weights_name) -> bool | str:
+        # when the graph is queued: a missing or foreign file is reported before any other model loads
+        return weights_file_problem(weights_name) or True
+
+    @classmethod
     def execute(cls, weights_name: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER, weights_name)
-        mechanism = read_config(path)[1].get("mechanism", "nested")
-        if mechanism != "nested":
-            raise ValueError(f"{weights_name} was trained for the '{mechanism}' baseline of the paper's comparison (baselines/), "
-                             "not for nested attention; load a file trained with the default --mechanism nested")
+        problem = _mechanism_problem(weights_name, read_config(path)[1])
+        if problem:
+            raise ValueError(problem)
         weights = load_weights(path)
         # hashed at load, not later: the hash must be of the bytes these weights came from (about 1 s per GB)
         weights.source = WeightsFile(weights_name, file_sha256(path))

@@ -155,7 +155,39 @@ def subject_path(name: str) -> str:
         path = _inside(folder, filename)
         if os.path.isfile(path):
             return path
-    raise SubjectFileError(f"no subject file {filename!r} in models/{FOLDER} (searched {folders}): save one with Save Subject")
+    raise SubjectFileError(f"no subject file {filename!r} in models/{FOLDER} (searched {folders}): save one with Save Subject, "
+                           "or copy a shared subject file there, then press R in ComfyUI to refresh the list")
+
+
+def _header_problem(name: str, metadata: dict) -> str | None:
+    """Why a file with this safetensors metadata is not a subject file this pack reads (None: it is)."""
+    if metadata.get("format") != FORMAT:
+        hint = ("it is a nested-attention weights file: put it in models/nested_attention and use Load Nested Attention"
+                if metadata.get("format") == "nested-attention" else "subject files are written by Save Subject")
+        return f"{name}: not a subject file (no format='{FORMAT}' metadata); {hint}"
+    version = metadata.get("format_version", "")
+    if version != str(FORMAT_VERSION):
+        return f"{name}: subject format version {version!r}, this pack reads {FORMAT_VERSION}: update the pack, or save the subject again"
+    return None
+
+
+def _unreadable(name: str, error: Exception) -> str:
+    return f"{name}: not a readable safetensors file ({error}): it is corrupt or truncated; save the subject again"
+
+
+def subject_file_problem(name) -> str | None:
+    """Why Load Subject cannot use the file `name`, from its header alone (None: it looks usable). Run when the graph
+    is queued; whether it fits the connected weights is known only when they load."""
+    if not isinstance(name, str):  # linked from another node: known only when it runs
+        return None
+    try:
+        with safe_open(subject_path(name), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except SubjectFileError as e:  # a name that leaves the folder, or no such file
+        return str(e)
+    except (SafetensorError, OSError) as e:
+        return _unreadable(name, e)
+    return _header_problem(name, metadata)
 
 
 def load_subject(weights: NestedAttentionModel, name: str) -> Subject:
@@ -168,14 +200,10 @@ def load_subject(weights: NestedAttentionModel, name: str) -> Subject:
             keys = set(f.keys())
             tokens = f.get_tensor("tokens") if keys == {"tokens"} else None
     except (SafetensorError, OSError) as e:
-        raise SubjectFileError(f"{name}: not a readable safetensors file ({e}): it is corrupt or truncated; save the subject again") from e
-    if metadata.get("format") != FORMAT:
-        hint = ("it is a nested-attention weights file: put it in models/nested_attention and use Load Nested Attention"
-                if metadata.get("format") == "nested-attention" else "subject files are written by Save Subject")
-        raise SubjectFileError(f"{name}: not a subject file (no format='{FORMAT}' metadata); {hint}")
-    version = metadata.get("format_version", "")
-    if version != str(FORMAT_VERSION):
-        raise SubjectFileError(f"{name}: subject format version {version!r}, this pack reads {FORMAT_VERSION}: update the pack, or save the subject again")
+        raise SubjectFileError(_unreadable(name, e)) from e
+    problem = _header_problem(name, metadata)
+    if problem:
+        raise SubjectFileError(problem)
     if tokens is None:
         raise SubjectFileError(f"{name}: holds tensors {sorted(keys)}, a subject file holds only 'tokens': it is damaged; save the subject again")
     if metadata.get("weights_sha256") != source.sha256:
@@ -220,6 +248,11 @@ class LoadSubject(io.ComfyNode):
             ],
             outputs=[SubjectType.Output(tooltip="The subject (tokens and λ as saved), for Bind Token.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, subject_name) -> bool | str:
+        # when the graph is queued: a missing or foreign file is reported before any model loads
+        return subject_file_problem(subject_name) or True
 
     @classmethod
     def execute(cls, nested_attention, subject_name: str) -> io.NodeOutput:
