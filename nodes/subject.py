@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import comfy.model_management as mm
+import comfy.utils
 import torch
 from comfy_api.latest import io
 
@@ -11,25 +12,30 @@ from .types import CATEGORY, NestedAttentionType, SubjectType
 
 
 def encode_subject(weights: NestedAttentionModel, clip_vision, image: torch.Tensor) -> Subject:
-    """Q-Former over the CLIP vision last-layer tokens of every image; several images give concatenated tokens."""
+    """Q-Former over the CLIP vision last-layer tokens of every image; several images give concatenated tokens.
+    One image at a time, so the UI's progress bar moves once per reference photo."""
     c = weights.config
     if image is None or image.ndim != 4 or image.shape[0] == 0:
         raise ValueError(f"the image batch is empty ({None if image is None else list(image.shape)}): connect at least one reference photo")
-    vision = clip_vision.encode_image(image, crop=True)["last_hidden_state"]  # [n, tokens, hidden]
-    if tuple(vision.shape[1:]) != (c.vision_tokens, c.vision_dim):
-        raise ValueError(
-            f"these nested-attention weights expect the CLIP vision encoder {c.vision_encoder} "
-            f"({c.vision_dim} wide, {c.vision_tokens} tokens); the connected one gives {vision.shape[2]} wide, "
-            f"{vision.shape[1]} tokens: load {c.vision_encoder} with Load CLIP Vision"
-        )
     device = mm.get_torch_device()
+    progress = comfy.utils.ProgressBar(image.shape[0])
+    tokens = []
     try:
-        weights.qformer.to(device)
-        with torch.inference_mode():
-            tokens = weights.encode(vision.to(device, torch.float32))  # [n, Q, context_dim]
+        for i in range(image.shape[0]):
+            vision = clip_vision.encode_image(image[i : i + 1], crop=True)["last_hidden_state"]  # [1, tokens, hidden]
+            if tuple(vision.shape[1:]) != (c.vision_tokens, c.vision_dim):
+                raise ValueError(
+                    f"these nested-attention weights expect the CLIP vision encoder {c.vision_encoder} "
+                    f"({c.vision_dim} wide, {c.vision_tokens} tokens); the connected one gives {vision.shape[2]} wide, "
+                    f"{vision.shape[1]} tokens: load {c.vision_encoder} with Load CLIP Vision"
+                )
+            weights.qformer.to(device)
+            with torch.inference_mode():
+                tokens.append(weights.encode(vision.to(device, torch.float32))[0])  # [Q, context_dim]
+            progress.update(1)
     finally:
         weights.qformer.to(mm.unet_offload_device())  # the Q-Former is needed once per subject, not during sampling
-    return Subject(weights=weights, tokens=tokens.reshape(-1, tokens.shape[-1]).to(mm.intermediate_device()))
+    return Subject(weights=weights, tokens=torch.cat(tokens).to(mm.intermediate_device()))
 
 
 class EncodeSubject(io.ComfyNode):
