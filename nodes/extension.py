@@ -2,6 +2,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .apply import ApplyNestedAttention
+from .attention_maps import AttentionMaps
 from .loader import FOLDER, LoadNestedAttention, register_model_folder
 from .prompt import BindToken, EncodePrompt
 from .subject import AttentionScale, CombineSubjects, EncodeSubject
@@ -24,4 +25,4 @@ class NestedAttentionExtension(ComfyExtension):
         register_world_weights()
         # the demo world's loader: its own category; no other node depends on miniworld/
         return [LoadNestedAttention, EncodeSubject, CombineSubjects, AttentionScale, EncodePrompt, BindToken, ApplyNestedAttention,
-                SaveSubject, LoadSubject, LoadMiniWorld]
+                SaveSubject, LoadSubject, AttentionMaps, LoadMiniWorld]

@@ -16,6 +16,7 @@ from comfy_server import PACK_DIR_NAME, Server, build_root
 PACK_NODES = [
     "NestedAttentionLoader", "NestedAttentionEncodePrompt", "NestedAttentionEncodeSubject", "NestedAttentionCombineSubjects",
     "NestedAttentionScale", "NestedAttentionBindToken", "NestedAttentionApply", "NestedAttentionSaveSubject", "NestedAttentionLoadSubject",
+    "NestedAttentionAttentionMaps",
     "NestedAttentionMiniWorldLoader",
 ]
 SINGLE = "nested_attention_single_subject.json"
