@@ -60,3 +60,19 @@ def test_requirements_never_touch_the_users_torch():
     packages = {line for line in lines if line}
     assert packages == {"einops", "safetensors"}
     assert not any(name in line.lower() for line in packages for name in ("torch", "xformers", "numpy"))
+
+
+def test_troubleshooting_quotes_messages_the_pack_raises():
+    """README's Troubleshooting is keyed by the words of the messages: each quoted fragment must be in the code."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Troubleshooting"):]
+    section = section[: section.index("\n## ", 1)]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    source = "\n".join(p.read_text() for folder in ("nodes", "nested_core") for p in sorted((ROOT / folder).glob("*.py")))
+    source += (ROOT / "__init__.py").read_text()
+    fragments = [f for row in rows for f in re.findall(r"`([^`]+)`", row.split(" | ")[0])]
+    assert len(rows) >= 20 and len(fragments) >= len(rows)
+    missing = [f for f in fragments if f not in source]
+    assert not missing, f"README Troubleshooting quotes words no message has: {missing}"
