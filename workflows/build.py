@@ -1,13 +1,17 @@
-"""Shipped workflows written from short Python specs: the frontend's UI format (v0.4), laid out in columns.
+"""Shipped workflows written from short Python specs (workflows/specs.py): the frontend's UI format (v0.4).
 
-    python -m workflows.build            # (re)writes the workflows this file defines
+    python -m workflows.build                # (re)writes every workflows/*.json the specs define
+    python -m workflows.build --thumbnails   # ... and their same-name .jpg thumbnails, by running the world variants
 
-A spec names nodes, their widget values in schema order and their links by name; slots and types come
-from the registered node classes, so a spec cannot link a wrong slot. Each column is one stage of the
-graph (loaders, encoders, binding, sampling, output), so the whole graph reads left to right.
+A spec names nodes, their widget values in schema order and their links by name; slots and types come from
+the registered node classes, so a spec cannot link a wrong slot. Each column is one stage of the graph
+(loaders, encoders, binding, sampling, output), so the graph reads left to right. The saved view
+(`extra.ds`) fits the whole graph into the canvas of a 1280x720 browser window, clear of the page's own
+bars, so a workflow opened from the template browser shows every node.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -16,8 +20,17 @@ from pathlib import Path
 from .run import SEED_NAMES, _extra_widget_values, _input_specs, _is_widget, load_nodes
 
 HERE = Path(__file__).resolve().parent
-COLUMN_WIDTH, GAP, TITLE = 340, 40, 30
+COLUMN_WIDTH, GAP, TITLE = 310, 30, 30  # a node is COLUMN_WIDTH - GAP wide; TITLE: LiteGraph's title bar above `pos`
+V_GAP = 24  # between a node's bottom and the next node's title bar
 NOTE_COLOURS = {"color": "#432", "bgcolor": "#653"}
+NOTE_CHARS_PER_LINE, NOTE_LINE_HEIGHT = 40, 15  # the Note's text box at this width (frontend 1.32), with margin
+
+# The view a workflow opens with: a 1280x720 window, minus the page's chrome drawn over the canvas (frontend
+# 1.32.9, measured in headless Chromium: tab bar 38 px, side tool bar 59 px, the workflow name box and Run bar
+# below the tabs, zoom controls bottom right). SAFE is the part of the canvas no chrome covers, with margin.
+VIEW = (1280, 720)
+SAFE = (80, 96, 1260, 656)  # left, top, right, bottom in canvas pixels
+LOD_SCALE = 0.58  # below this zoom the frontend draws nodes without text (LiteGraph.Canvas.MinFontSizeForLOD 8 px / 14 px)
 
 
 @dataclass
@@ -31,25 +44,54 @@ class Node:
     height: int | None = None
 
 
+@dataclass(frozen=True)
+class ModelFile:
+    """A public file a stock loader names: what the frontend's Missing Models dialog offers to download."""
+
+    url: str
+    directory: str  # the models/ folder the loader reads
+
+
 def _outputs(node_cls) -> list[tuple[str, str]]:
     names = getattr(node_cls, "RETURN_NAMES", None) or node_cls.RETURN_TYPES
     return [(name, kind) for name, kind in zip(names, node_cls.RETURN_TYPES)]
 
 
-def _default_height(node_cls, n_widgets: int, n_sockets: int, kind: str) -> int:
-    if kind == "Note":
-        return 220
+def note_height(text: str) -> int:
+    lines = sum(max(1, -(-len(line) // NOTE_CHARS_PER_LINE)) for line in text.split("\n"))
+    return 24 + NOTE_LINE_HEIGHT * lines
+
+
+def _default_height(kind: str, widget_rows: int, socket_rows: int) -> int:
+    """A little over what the frontend computes for the node (it grows a node to that, never shrinks it)."""
     if kind == "LoadImage":
-        return 330
-    if kind == "SaveImage":
-        return 300
-    return 46 + 26 * (n_widgets + n_sockets)
+        return 290  # room for the photo's preview (the page grows the node to about 280 once the photo loads)
+    if kind in ("SaveImage", "PreviewImage"):
+        return 220
+    return max(60, 22 + 20 * socket_rows + 24 * widget_rows)
 
 
-def to_ui(nodes: list[Node], *, note: str, workflow_id: str) -> dict:
-    """The UI-format workflow of `nodes` plus a Note (first column, top) saying what it needs."""
+def fit_view(ui_nodes: list[dict], view: tuple[int, int] = VIEW, safe: tuple[int, int, int, int] = SAFE) -> dict:
+    """`extra.ds` (scale, offset) that shows every node, title bar included, centred in the safe part of the canvas.
+    LiteGraph draws graph point p at (p + offset) * scale."""
+    x0 = min(n["pos"][0] for n in ui_nodes)
+    y0 = min(n["pos"][1] - TITLE for n in ui_nodes)
+    x1 = max(n["pos"][0] + n["size"][0] for n in ui_nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in ui_nodes)
+    left, top, right, bottom = safe
+    scale = min(1.0, (right - left) / (x1 - x0), (bottom - top) / (y1 - y0))
+    scale = int(scale * 1000) / 1000  # floor, so rounding never pushes a node out
+    offset_x = (left + ((right - left) - (x1 - x0) * scale) / 2) / scale - x0
+    offset_y = (top + ((bottom - top) - (y1 - y0) * scale) / 2) / scale - y0
+    return {"scale": scale, "offset": [round(offset_x, 1), round(offset_y, 1)]}
+
+
+def to_ui(nodes: list[Node], *, note: str, workflow_id: str, models: dict[str, ModelFile] | None = None) -> dict:
+    """The UI-format workflow of `nodes` plus a Note (first column, top) saying what it needs. A loader whose
+    widget names a file of `models` gets the download metadata the frontend reads (`properties.models`)."""
     classes = load_nodes()
-    nodes = [Node("note", "Note", 0, [note])] + nodes
+    models = models or {}
+    nodes = [Node("note", "Note", 0, [note], height=note_height(note))] + nodes
     ids = {n.name: i + 1 for i, n in enumerate(nodes)}
     links, out_links = [], {}
     ui_nodes, column_y = [], {}
@@ -59,7 +101,7 @@ def to_ui(nodes: list[Node], *, note: str, workflow_id: str) -> dict:
               "properties": {"Node name for S&R": n.type}, "widgets_values": list(n.widgets)}
         if n.type == "Note":
             ui.update(outputs=[], **NOTE_COLOURS)
-            n_widgets = n_sockets = 0
+            widget_rows = socket_rows = 0
         else:
             cls = classes[n.type]
             specs = _input_specs(cls)
@@ -74,6 +116,8 @@ def to_ui(nodes: list[Node], *, note: str, workflow_id: str) -> dict:
                     widgets.append(next(values))
                     if _extra_widget_values(name, kind, options):
                         widgets.append("fixed" if (options.get("control_after_generate") or name in SEED_NAMES) else "image")
+            if next(values, None) is not None:
+                raise ValueError(f"{n.name} ({n.type}) has more widget values than widgets")
             ui["widgets_values"] = widgets
             ui["inputs"] = []
             for slot, (name, kind) in enumerate(sockets):
@@ -85,85 +129,59 @@ def to_ui(nodes: list[Node], *, note: str, workflow_id: str) -> dict:
                     out_links.setdefault((ids[src], src_slot), []).append(link)
                 ui["inputs"].append({"name": name, "type": kind, "link": link})
             ui["outputs"] = [{"name": name, "type": kind, "links": [], "slot_index": i} for i, (name, kind) in enumerate(_outputs(cls))]
-            n_widgets, n_sockets = len(n.widgets), max(len(sockets), len(ui["outputs"]))
+            files = [{"name": v, "url": models[v].url, "directory": models[v].directory} for v in widgets if isinstance(v, str) and v in models]
+            if files:
+                ui["properties"]["models"] = files
+            widget_rows, socket_rows = len(widgets), max(len(sockets), len(ui["outputs"]))
         if n.title:
             ui["title"] = n.title
-        height = n.height or _default_height(None, n_widgets, n_sockets, n.type)
+        height = n.height or _default_height(n.type, widget_rows, socket_rows)
         y = column_y.get(n.column, 0) + TITLE
         ui["pos"] = [n.column * COLUMN_WIDTH, y]
         ui["size"] = [COLUMN_WIDTH - GAP, height]
-        column_y[n.column] = y + height + GAP
+        column_y[n.column] = y + height + V_GAP
         ui_nodes.append(ui)
     for ui in ui_nodes:
         for out in ui.get("outputs", []):
             out["links"] = out_links.get((ui["id"], out["slot_index"])) or None
     return {"id": workflow_id, "revision": 0, "last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes,
-            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.85, "offset": [20, 20]}}, "version": 0.4}
+            "links": links, "groups": [], "config": {}, "extra": {"ds": fit_view(ui_nodes)}, "version": 0.4}
 
 
-# --- the miniature world's workflows (they run anywhere in seconds) ----------------------------------------------
-WORLD_NOTE = ("Nested Attention on the pack's miniature demo world (128×128 px, runs on a CPU in seconds).\n\n"
-              "Files (all shipped inside this pack, nothing to download): miniworld/weights/base.safetensors and "
-              "vision.safetensors (Load Mini World), miniworld/weights/nested_{domains}.safetensors (Load Nested Attention; "
-              "the pack adds that folder to models/nested_attention). Reference photo: any render of the world, e.g. "
-              "`python -m miniworld.world reference --domain person --out input/miniworld_person.png` in the pack's folder.\n"
-              "Keep the subject word in the prompt; raise λ for identity, lower it for prompt freedom.")
+def workflow_id(name: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-nested-attention/{name}"))  # stable across rebuilds
 
 
-def world_single_subject(domain: str = "person", word: str = "person") -> list[Node]:
-    return [
-        Node("world", "NestedAttentionMiniWorldLoader", 0, ["random"]),
-        Node("weights", "NestedAttentionLoader", 0, [f"nested_{domain}.safetensors"]),
-        Node("photo", "LoadImage", 1, [f"miniworld_{domain}.png"]),
-        Node("subject", "NestedAttentionEncodeSubject", 2, [], {"nested_attention": ("weights", 0), "clip_vision": ("world", 3), "image": ("photo", 0)}),
-        Node("lam", "NestedAttentionScale", 2, [2.0], {"subject": ("subject", 0)}),
-        Node("prompt", "NestedAttentionEncodePrompt", 2, [f"a photo of a large {word} wearing a hat on a blue background, on the left"],
-             {"clip": ("world", 1)}, height=150),
-        Node("negative", "CLIPTextEncode", 2, [""], {"clip": ("world", 1)}, height=100),
-        Node("bind", "NestedAttentionBindToken", 3, [word, 0], {"conditioning": ("prompt", 0), "subject": ("lam", 0)}),
-        Node("apply", "NestedAttentionApply", 3, [0.0, 1.0], {"model": ("world", 0)}),
-        Node("latent", "EmptyLatentImage", 3, [128, 128, 1]),
-        Node("sampler", "KSampler", 4, [7, 20, 3.0, "euler", "normal", 1.0],
-             {"model": ("apply", 0), "positive": ("bind", 0), "negative": ("negative", 0), "latent_image": ("latent", 0)}, height=280),
-        Node("decode", "VAEDecode", 4, [], {"samples": ("sampler", 0), "vae": ("world", 2)}),
-        Node("save", "SaveImage", 5, [f"miniworld_{domain}"], {"images": ("decode", 0)}),
-    ]
+def build(name: str) -> dict:
+    """The UI-format workflow the spec `name` (a file name in workflows/) defines."""
+    from .specs import WORKFLOWS
+
+    spec = WORKFLOWS[name]
+    return to_ui(spec.nodes(), note=spec.note, workflow_id=workflow_id(name), models=spec.models)
 
 
-def world_person_and_pet() -> list[Node]:
-    return [
-        Node("world", "NestedAttentionMiniWorldLoader", 0, ["random"]),
-        Node("person_weights", "NestedAttentionLoader", 0, ["nested_person.safetensors"]),
-        Node("pet_weights", "NestedAttentionLoader", 0, ["nested_pet.safetensors"]),
-        Node("person_photo", "LoadImage", 1, ["miniworld_person.png"]),
-        Node("pet_photo", "LoadImage", 1, ["miniworld_pet.png"]),
-        Node("person", "NestedAttentionEncodeSubject", 2, [], {"nested_attention": ("person_weights", 0), "clip_vision": ("world", 3), "image": ("person_photo", 0)}),
-        Node("pet", "NestedAttentionEncodeSubject", 2, [], {"nested_attention": ("pet_weights", 0), "clip_vision": ("world", 3), "image": ("pet_photo", 0)}),
-        Node("prompt", "NestedAttentionEncodePrompt", 2, ["a photo of a small person and a small dog on a green background, in the center"],
-             {"clip": ("world", 1)}, height=150),
-        Node("negative", "CLIPTextEncode", 2, [""], {"clip": ("world", 1)}, height=100),
-        Node("bind_person", "NestedAttentionBindToken", 3, ["person", 0], {"conditioning": ("prompt", 0), "subject": ("person", 0)}),
-        Node("bind_pet", "NestedAttentionBindToken", 3, ["dog", 0], {"conditioning": ("bind_person", 0), "subject": ("pet", 0)}),
-        Node("apply", "NestedAttentionApply", 3, [0.0, 1.0], {"model": ("world", 0)}),
-        Node("latent", "EmptyLatentImage", 3, [128, 128, 1]),
-        Node("sampler", "KSampler", 4, [7, 20, 3.0, "euler", "normal", 1.0],
-             {"model": ("apply", 0), "positive": ("bind_pet", 0), "negative": ("negative", 0), "latent_image": ("latent", 0)}, height=280),
-        Node("decode", "VAEDecode", 4, [], {"samples": ("sampler", 0), "vae": ("world", 2)}),
-        Node("save", "SaveImage", 5, ["miniworld_person_and_pet"], {"images": ("decode", 0)}),
-    ]
+def dumps(workflow: dict) -> str:
+    return json.dumps(workflow, indent=1, ensure_ascii=False) + "\n"
 
 
-WORKFLOWS = {
-    "miniworld_single_subject.json": (world_single_subject, WORLD_NOTE.format(domains="person")),
-    "miniworld_person_and_pet.json": (world_person_and_pet, WORLD_NOTE.format(domains="person / nested_pet")),
-}
+def main(argv=None) -> list[Path]:
+    from .specs import WORKFLOWS
 
+    p = argparse.ArgumentParser(prog="python -m workflows.build", description=__doc__.split("\n\n")[0])
+    p.add_argument("--thumbnails", action="store_true",
+                   help="also write each workflow's .jpg thumbnail by running the demo-world variants (about a minute on a CPU)")
+    args = p.parse_args(argv)
+    written = []
+    for name in WORKFLOWS:
+        path = HERE / name
+        path.write_text(dumps(build(name)))
+        written.append(path)
+        print(path)
+    if args.thumbnails:
+        from .thumbnails import write_thumbnails
 
-def main() -> None:
-    for name, (spec, note) in WORKFLOWS.items():
-        workflow_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-nested-attention/{name}"))  # stable across rebuilds
-        (HERE / name).write_text(json.dumps(to_ui(spec(), note=note, workflow_id=workflow_id), indent=1, ensure_ascii=False) + "\n")
-        print(HERE / name)
+        written += write_thumbnails(HERE)
+    return written
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@
 The file is what the ComfyUI frontend saves (UI format); the backend only runs
 API format, so it is converted here (`ui_to_api`) using the registered node
 classes' input definitions, validated with the host's `validate_prompt` and run
-by its `PromptExecutor`. `--tiny` swaps the checkpoint, CLIP vision and
-nested-attention files for tiny random built-in models (training/tiny.py) and
-the reference photos for generated ones: it runs anywhere in seconds, but the
+by its `PromptExecutor`. `--tiny` swaps the checkpoint, CLIP vision,
+nested-attention and LoRA files for tiny random built-in models (training/tiny.py)
+and the reference photos for generated ones: it runs anywhere in seconds, but the
 image is noise, not a result.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ MODE_MUTED, MODE_BYPASSED = 2, 4
 TINY_SWAPS = {"CheckpointLoaderSimple": "TinySDXLCheckpointLoader", "CLIPVisionLoader": "TinyCLIPVisionLoader"}
 TINY_MAX_SIDE = 128  # pixels: a 16x16 latent keeps the tiny UNet at well under a second per step
 TINY_MAX_STEPS = 4
+TINY_LORA_LOADERS = ("LoraLoader", "LoraLoaderModelOnly")  # their file becomes a tiny LoRA for the tiny UNet
 
 
 class WorkflowError(RuntimeError):
@@ -190,6 +191,10 @@ def make_tiny(prompt: dict, models_dir: Path, input_dir: Path, max_side: int = T
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tiny.tiny_weights_for_name(path, tiny.tiny_sdxl(0))
+        elif kind in TINY_LORA_LOADERS and isinstance(inputs.get("lora_name"), str):
+            path = models_dir.parent / "loras" / inputs["lora_name"]
+            if not path.exists():
+                save_tiny_lora(path, tiny.tiny_sdxl(0))
         elif kind == "LoadImage":
             tiny.save_test_image(input_dir / inputs["image"])
         elif kind == "EmptyLatentImage" and all(isinstance(inputs.get(k), int) for k in ("width", "height")):
@@ -200,25 +205,53 @@ def make_tiny(prompt: dict, models_dir: Path, input_dir: Path, max_side: int = T
     return prompt
 
 
+def save_tiny_lora(path: str | os.PathLike, model_patcher, rank: int = 2, seed: int = 0) -> Path:
+    """A LoRA (rank `rank`, fixed by `seed`) on every cross-attention query projection of a (tiny) UNet, in the
+    generic `<module>.lora_up/lora_down.weight` format the host's LoRA loader reads: a stand-in for an SDXL LoRA file."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, weight in model_patcher.model.state_dict().items():
+        if key.startswith("diffusion_model.") and key.endswith("attn2.to_q.weight"):
+            module = key.removesuffix(".weight")
+            out_features, in_features = weight.shape
+            tensors[f"{module}.lora_down.weight"] = torch.randn(rank, in_features, generator=gen) * 0.1
+            tensors[f"{module}.lora_up.weight"] = torch.randn(out_features, rank, generator=gen) * 0.1
+    if not tensors:
+        raise ValueError("the model has no attn2.to_q layer to put a LoRA on")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"note": "tiny random test LoRA"})
+    return path
+
+
+TEMPORARY_MODEL_FOLDERS = ("nested_attention", "loras")
+
+
 @contextlib.contextmanager
 def temporary_folders():
-    """A temp models/nested_attention (searched first) and a temp input dir, both undone afterwards
-    (tiny runs write their stand-in files there, the demo its reference photos)."""
+    """Temp models/nested_attention and models/loras (searched first) and a temp input dir, all undone afterwards
+    (tiny runs write their stand-in files there, the demo its reference photos). Yields (nested_attention dir, input dir)."""
     import folder_paths
 
     old_input = folder_paths.get_input_directory()
     with tempfile.TemporaryDirectory(prefix="nested_tiny_") as tmp:
-        models_dir, input_dir = Path(tmp, "models", "nested_attention"), Path(tmp, "input")
-        models_dir.mkdir(parents=True)
+        models = {name: Path(tmp, "models", name) for name in TEMPORARY_MODEL_FOLDERS}
+        input_dir = Path(tmp, "input")
+        for name, folder in models.items():
+            folder.mkdir(parents=True)
+            folder_paths.add_model_folder_path(name, str(folder), is_default=True)
         input_dir.mkdir()
-        folder_paths.add_model_folder_path("nested_attention", str(models_dir), is_default=True)
         folder_paths.set_input_directory(str(input_dir))
         try:
-            yield models_dir, input_dir
+            yield models["nested_attention"], input_dir
         finally:
-            folder_paths.folder_names_and_paths["nested_attention"][0].remove(str(models_dir))
-            # the host's file-list cache would stat the deleted folder on its next lookup and crash
-            folder_paths.filename_list_cache.pop("nested_attention", None)
+            for name, folder in models.items():
+                folder_paths.folder_names_and_paths[name][0].remove(str(folder))
+                # the host's file-list cache would stat the deleted folder on its next lookup and crash
+                folder_paths.filename_list_cache.pop(name, None)
             folder_paths.set_input_directory(old_input)
 
 

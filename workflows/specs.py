@@ -148,15 +148,15 @@ def lambda_sweep(b: Base, text: str, lambdas=(1.0, 2.0, 3.0)) -> list[Node]:
 
 def reference_photos(b: Base, text: str) -> list[Node]:
     return head(b) + [
-        photo(b, "photo1", "person"), photo(b, "photo2", "photo_2"), photo(b, "photo3", "photo_3"),
+        photo(b, "photo1", "person"), photo(b, "photo2", "photo_2"), photo(b, "photo3", "photo_3", column=2),
         Node("batch12", "ImageBatch", 2, [], {"image1": ("photo1", 0), "image2": ("photo2", 0)}),
         Node("photos", "ImageBatch", 2, [], {"image1": ("batch12", 0), "image2": ("photo3", 0)}),
         encode(b, "subject", "photos", 2),
-        Node("lam", "NestedAttentionScale", 2, [2.0], {"subject": ("subject", 0)}),
-        *prompts(b, text, 2),
-        bind("bind", "person", "prompt", "lam", 3),
-        *apply_and_latent(b, 3),
-        *sample(b, "bind", 4, f"{b.prefix}_photos"),
+        Node("lam", "NestedAttentionScale", 3, [2.0], {"subject": ("subject", 0)}),
+        *prompts(b, text, 3),
+        bind("bind", "person", "prompt", "lam", 4),
+        *apply_and_latent(b, 4),
+        *sample(b, "bind", 5, f"{b.prefix}_photos"),
     ]
 
 
