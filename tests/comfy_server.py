@@ -5,8 +5,8 @@ Standard library only: the server runs in its own process, with the repo's inter
 
 The root is a copy of the host tree with this pack (its git-tracked files, as a clone gives them)
 in `custom_nodes/ComfyUI-NestedAttention`, a generated test-only pack registering the tiny loaders
-of training/tiny.py, tiny nested-attention weights named as the shipped workflows name them, and
-test photos in input/.
+of training/tiny.py, tiny nested-attention weights (and LoRAs) named as the shipped SDXL workflows name
+them, and photos in input/ (the demo world's own subjects for its workflows, test images for the others).
 """
 from __future__ import annotations
 
@@ -94,8 +94,11 @@ from workflows.run import load_nodes, make_tiny, ui_to_api
 unet = tiny.tiny_sdxl(0)
 for name in spec["weights"]:
     tiny.tiny_weights_for_name(Path(spec["models"]) / name, unet)
+from workflows.world_inputs import PHOTOS, write_photos
+write_photos(spec["input"], [name for name in spec["images"] if name in PHOTOS])  # the world's graphs: its own subjects
 for name in spec["images"]:
-    tiny.save_test_image(Path(spec["input"]) / name)
+    if name not in PHOTOS:
+        tiny.save_test_image(Path(spec["input"]) / name)
 classes = load_nodes()
 prompts = {p: ui_to_api(json.loads(Path(p).read_text()), classes) for p in spec["workflows"]}
 tiny_prompts = {p: make_tiny(prompt, Path(spec["models"]), Path(spec["input"])) for p, prompt in prompts.items() if p in spec["sdxl"]}
@@ -112,8 +115,9 @@ def widget_values(workflow: dict, node_type: str) -> set[str]:
     return {n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == node_type and n.get("widgets_values")}
 
 
-def build_root(tmp: Path, python: str, settings: dict | None = None) -> tuple[Path, dict, dict]:
-    """(root, API prompts, tiny API prompts) keyed by workflow file name; the pack in custom_nodes/."""
+def build_root(tmp: Path, python: str, settings: dict | None = None, tiny: list[str] | None = None) -> tuple[Path, dict, dict]:
+    """(root, API prompts, tiny API prompts) keyed by workflow file name; the pack in custom_nodes/. `tiny`: the SDXL
+    workflows (file names) to make tiny prompts and stand-in files for (default: all); the others' files stay absent."""
     host = host_root(python)
     root = tmp / "ComfyUI"
     shutil.copytree(host, root, ignore=shutil.ignore_patterns("__pycache__", "custom_nodes"), symlinks=True)
@@ -130,6 +134,8 @@ def build_root(tmp: Path, python: str, settings: dict | None = None) -> tuple[Pa
 
     workflows = {p: json.loads(p.read_text()) for p in WORKFLOWS}
     sdxl = {p: w for p, w in workflows.items() if not uses_world(w)}  # the world's run on its shipped files, never tiny ones
+    if tiny is not None:
+        sdxl = {p: w for p, w in sdxl.items() if p.name in tiny}
     weights = sorted(set().union(*(widget_values(w, "NestedAttentionLoader") for w in sdxl.values())))
     images = sorted(set().union(*(widget_values(w, "LoadImage") for w in workflows.values())))
     models_dir, input_dir = root / "models" / "nested_attention", root / "input"
