@@ -8,6 +8,10 @@ the registered node classes, so a spec cannot link a wrong slot. Each column is 
 (loaders, encoders, binding, sampling, output), so the graph reads left to right. The saved view
 (`extra.ds`) fits the whole graph into the canvas of a 1280x720 browser window, clear of the page's own
 bars, so a workflow opened from the template browser shows every node.
+
+The host serves a pack's templates from the first of `example_workflows/`, `example/`, `examples/`, `workflow/`,
+`workflows/` it finds (ComfyUI 0.3.75 and upstream, app/custom_node_manager.py), and lists the JSON files of all
+of them: this folder is enough, and copies in `example_workflows/` would list every template twice.
 """
 from __future__ import annotations
 
