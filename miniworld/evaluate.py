@@ -5,7 +5,9 @@ Scale λ, Bind Token, Apply Nested Attention, the host's sampler), scored with t
 
 Conditions per held-out case (identity, scene): the base model with the subject word and no subject; nested
 attention with the identity's own reference photo at each λ; nested attention with ANOTHER held-out
-identity's reference (λ = 1), so "identity" means the reference's, not just the domain's.
+identity's reference (λ = 1), so "identity" means the reference's, not just the domain's; and, where the base
+file has them, the oracle: the base model told the identity through the subject word's identity code
+(miniworld.identity_codes), the most a subject-word value can do in this world.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from training.host import pack_module, setup_comfyui
 setup_comfyui()  # before the world's models import the host
 
 from . import world  # noqa: E402
-from .models import IMAGE_SIZE, VISION_FILES, WEIGHTS_DIR, load_world  # noqa: E402
+from .models import BASE_FILE, IMAGE_SIZE, VISION_FILES, WEIGHTS_DIR, load_identity_codes, load_world  # noqa: E402
 
 NESTED_DIR = WEIGHTS_DIR / "nested"  # the world's nested-attention weights; Load Nested Attention lists this folder too
 WEIGHTS = {domain: NESTED_DIR / f"nested_{domain}.safetensors" for domain in world.DOMAINS}
@@ -60,8 +62,9 @@ def reference_photo(identity: world.Identity, seed: int) -> torch.Tensor:
 class Generator:
     """The world's models behind the nodes' own functions; one instance per process."""
 
-    def __init__(self, vision: str = "random", steps: int = STEPS, cfg: float = CFG):
-        self.models = load_world(vision=VISION_FILES[vision])
+    def __init__(self, vision: str = "random", steps: int = STEPS, cfg: float = CFG, base_dir: str | Path | None = None):
+        self.models = load_world(base_dir, vision=VISION_FILES[vision])
+        self.codes = load_identity_codes(Path(base_dir or WEIGHTS_DIR) / BASE_FILE)
         self.size, self.steps, self.cfg = IMAGE_SIZE, steps, cfg
         self.apply, self.subject, self.prompt = (pack_module(f"nodes.{m}") for m in ("apply", "subject", "prompt"))
         self.patched = self.apply.apply_nested_attention(self.models.patcher)
@@ -71,12 +74,24 @@ class Generator:
         """SUBJECT from [B, H, W, 3] reference photos (B > 1: tokens concatenated, as Encode Subject does)."""
         return self.subject.encode_subject(weights, self.models.clip_vision, references)
 
+    def told_identity(self, positive: list, caption: str, identity: world.Identity) -> list:
+        """The oracle: the subject word's rows of the context carry the identity's code."""
+        clip, word = self.models.clip, world.SUBJECT_WORD[identity.domain]
+        positions = self.prompt.PromptTokens.from_tokens(clip.tokenize(caption), clip.tokenizer).positions(word)
+        context = positive[0][0].clone()
+        for p in positions:
+            context[0, p] = self.codes.identity_row(context[0, p], identity)
+        return [[context, positive[0][1]]]
+
     @torch.no_grad()
-    def image(self, caption: str, seed: int, subjects: list[tuple] = ()) -> torch.Tensor:
-        """[H, W, 3] in 0..1. subjects: (SUBJECT, word, λ) bound to the caption; none: the base model."""
+    def image(self, caption: str, seed: int, subjects: list[tuple] = (), told: world.Identity | None = None) -> torch.Tensor:
+        """[H, W, 3] in 0..1. subjects: (SUBJECT, word, λ) bound to the caption; none: the base model;
+        told: an identity given to the base model through its identity code (the oracle)."""
         import comfy.sample
 
         positive = self.prompt.encode_prompt(self.models.clip, caption)
+        if told is not None:
+            positive = self.told_identity(positive, caption, told)
         for subject, word, lam in subjects:
             positive = self.prompt.bind_subject(positive, subject.with_lambda(lam), word, 0)
         model = self.patched if subjects else self.models.patcher
@@ -89,14 +104,14 @@ class Generator:
 
 def evaluate(domain: str, weights_path: str | Path | None = None, *, n_identities: int = 16, per_identity: int = 1,
              lambdas=(1.0, 2.0, 3.0), other_lambdas=(1.0,), steps: int = STEPS, vision: str = "random",
-             keep_images: bool = False) -> dict:
+             base_dir: str | Path | None = None, keep_images: bool = False) -> dict:
     """Per-case scores of every condition: identity similarity (cosine to the reference's embedding), identity
     attributes read back, prompt accuracy; plus the images when keep_images."""
     from .metrics import WorldMetrics
 
     core = pack_module("nested_core")
     weights = core.load_weights(weights_path or WEIGHTS[domain])
-    gen = Generator(vision=vision, steps=steps)
+    gen = Generator(vision=vision, steps=steps, base_dir=base_dir)
     metrics = WorldMetrics.load()
     word = world.SUBJECT_WORD[domain]
     todo = cases(domain, n_identities, per_identity)
@@ -106,6 +121,8 @@ def evaluate(domain: str, weights_path: str | Path | None = None, *, n_identitie
     images: dict[str, list[torch.Tensor]] = {"base": []}
     for i, case in enumerate(todo):
         images["base"].append(gen.image(case.caption, case.seed))
+        if gen.codes is not None:
+            images.setdefault("oracle", []).append(gen.image(case.caption, case.seed, told=case.identity))
         own = gen.encode_subject(weights, references[i : i + 1])
         for lam in lambdas:
             images.setdefault(f"nested λ={lam:g}", []).append(gen.image(case.caption, case.seed, [(own, word, lam)]))
@@ -161,11 +178,13 @@ def main(argv=None) -> None:
     p.add_argument("--other-lambdas", type=float, nargs="+", default=[1.0], help="λ of the other-identity condition")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--vision", choices=("random", "trained"), default="random")
+    p.add_argument("--base-dir", type=Path, help="folder of the world's base and vision files (default: the shipped ones)")
     p.add_argument("--out", type=Path, help="write the per-case scores as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     result = evaluate(args.domain, args.weights, n_identities=args.identities, per_identity=args.per_identity,
-                      lambdas=args.lambdas, other_lambdas=args.other_lambdas, steps=args.steps, vision=args.vision)
+                      lambdas=args.lambdas, other_lambdas=args.other_lambdas, steps=args.steps, vision=args.vision,
+                      base_dir=args.base_dir)
     print(summary(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -169,16 +169,21 @@ def _split(tensors: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def save_base(path: str | os.PathLike, *, unet: nn.Module, clip: nn.Module, vae: nn.Module,
+def save_base(path: str | os.PathLike, *, unet: nn.Module, clip: nn.Module, vae: nn.Module, identity_codes=None,
               configs: dict | None = None, info: dict | None = None, dtype: torch.dtype = torch.float16) -> None:
-    """UNet (diffusion_model), text encoders (cond_stage_model) and AutoencoderKL in one file, stored in `dtype`."""
+    """UNet (diffusion_model), text encoders (cond_stage_model), AutoencoderKL and the UNet's identity codes
+    (miniworld.identity_codes, an evaluation oracle) in one file, stored in `dtype`."""
     from safetensors.torch import save_file
+
+    from .identity_codes import save_tensors
 
     tensors = {}
     for prefix, module in (("unet.", unet), ("clip.", clip), ("vae.", vae)):
         for k, v in module.state_dict().items():
             v = v.detach().cpu()
             tensors[prefix + k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
+    if identity_codes is not None:
+        tensors.update({k: v.to(dtype).contiguous() for k, v in save_tensors(identity_codes).items()})
     configs = configs or {"unet": UNET, "unet_head_channels": UNET_HEAD_CHANNELS, "text": TEXT, "vae": VAE}
     metadata = {"format": FORMAT, "configs": json.dumps(configs), "info": json.dumps(info or {})}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -244,6 +249,13 @@ def load_base(path: str | os.PathLike):
     _load_strict(clip.cond_stage_model, _split(tensors, "clip."), "unet")
     vae = build_vae(_split(tensors, "vae."), configs["vae"])
     return patcher_for(model), clip, vae, meta
+
+
+def load_identity_codes(path: str | os.PathLike):
+    """The IdentityCodes a base file's UNet was trained with, or None (a file from before they existed)."""
+    from .identity_codes import from_tensors
+
+    return from_tensors(read_file(path, "unet")[0])
 
 
 def load_vision(path: str | os.PathLike):

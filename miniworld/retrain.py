@@ -19,6 +19,7 @@ from .world import SUBJECT_WORD
 ROOT = Path(__file__).resolve().parents[1]
 NESTED_DIR = ROOT / "miniworld" / "weights" / "nested"  # = evaluate.NESTED_DIR (this module stays host-free: it only starts processes)
 ROWS, STEPS = 6000, 1200
+IDENTITY_MINUTES = 24  # the UNet's second stage (miniworld.identity_codes)
 
 
 def nested_commands(domain: str, work: Path, steps: int = STEPS) -> list[list[str]]:
@@ -51,8 +52,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     times = {}
     if args.what == "all":
-        for part in ("vae", "unet", "vision"):
-            times[part] = run([[sys.executable, "-m", "miniworld.train_base", part]])
+        base = [sys.executable, "-m", "miniworld.train_base"]
+        times["vae"] = run([base + ["vae"]])
+        # the shipped UNet's two stages: scenes from captions, then the subject word carrying the identity
+        times["unet (scenes)"] = run([base + ["unet", "--identity-rows", "0"]])
+        times["unet (identity codes)"] = run([base + ["unet", "--from-shipped", "--minutes", str(IDENTITY_MINUTES)]])
+        times["vision"] = run([base + ["vision"]])
         times["metrics"] = run([[sys.executable, "-m", "miniworld.train_metrics"]])
     NESTED_DIR.mkdir(parents=True, exist_ok=True)
     for domain in ([args.domain] if args.domain else list(SUBJECT_WORD)):

@@ -28,9 +28,11 @@ setup_comfyui(cpu=True)  # before any comfy import (models imports the host)
 
 from training.models import prediction_target, sample_sigmas
 from training.tiny import fill_deterministic
+from nested_core import find_token_positions
 
 from . import models as M
 from . import world as W
+from .identity_codes import IdentityCodes
 
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "miniworld"
 CLIP_SEED, UNET_SEED, VAE_SEED, VISION_SEED = 1, 2, 3, 4
@@ -49,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg", type=float, nargs="+", default=[4.0], help="eval: guidance scales to compare")
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared: keep 1)")
+    p.add_argument("--identity-rows", type=float, default=0.5,
+                   help="unet: fraction of captioned steps whose subject word carries the identity (miniworld.identity_codes)")
+    p.add_argument("--from-shipped", action="store_true",
+                   help="unet: continue from the UNet (and identity codes) in --weights-dir instead of a fresh init")
     args = p.parse_args(argv)
     defaults = {"pool": (0, 1, 0), "eval": (0, 1, 0), "vae": (12, 16, 2e-3), "unet": (34, 32, 1e-3), "vision": (6, 64, 1e-3)}[args.part]
     args.minutes = defaults[0] if args.minutes is None else args.minutes
@@ -116,7 +122,8 @@ def current_base(weights_dir: Path) -> dict:
     path = weights_dir / M.BASE_FILE
     if path.is_file():
         patcher, clip, vae, meta = M.load_base(path)
-        return {"unet": patcher.model.diffusion_model, "clip": clip.cond_stage_model, "vae": vae.first_stage_model, "info": meta["info"]}
+        return {"unet": patcher.model.diffusion_model, "clip": clip.cond_stage_model, "vae": vae.first_stage_model,
+                "identity_codes": M.load_identity_codes(path), "info": meta["info"]}
     log(f"no {path}: starting from seeded random parts")
     return {
         "unet": fill_deterministic(M.build_unet().diffusion_model, UNET_SEED),
@@ -128,7 +135,8 @@ def current_base(weights_dir: Path) -> dict:
 
 
 def write_base(weights_dir: Path, parts: dict) -> None:
-    M.save_base(weights_dir / M.BASE_FILE, unet=parts["unet"], clip=parts["clip"], vae=parts["vae"], info=parts["info"])
+    M.save_base(weights_dir / M.BASE_FILE, unet=parts["unet"], clip=parts["clip"], vae=parts["vae"],
+                identity_codes=parts.get("identity_codes"), info=parts["info"])
     log(f"wrote {weights_dir / M.BASE_FILE} ({(weights_dir / M.BASE_FILE).stat().st_size / 2**20:.2f} MiB)")
 
 
@@ -198,16 +206,20 @@ def train_vae(args) -> None:
 
 # --- UNet ---------------------------------------------------------------------------------------
 class Captions:
-    """Text conditioning per caption, computed once: context [77, 64] and pooled [32]."""
+    """Text conditioning per caption, computed once: context [77, 64], pooled [32] and the subject word's index."""
 
     def __init__(self, clip):
         self.clip, self.cache = clip, {}
+        self.word_ids = {w: [t for t, _ in clip.tokenize(w)["l"][0][1:-1] if t != 49407] for w in W.SUBJECT_WORD.values()}
 
-    def __call__(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, text: str, word: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int | None]:
         if text not in self.cache:
+            tokens = self.clip.tokenize(text)
             with torch.no_grad():
-                cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
-            self.cache[text] = (cond[0].float(), pooled[0].float())
+                cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+            chunks = [[t for t, _ in chunk] for chunk in tokens["l"]]
+            position = find_token_positions(chunks, self.word_ids[word], word=word)[0] if word else None
+            self.cache[text] = (cond[0].float(), pooled[0].float(), position)
         return self.cache[text]
 
 
@@ -255,11 +267,16 @@ def train_unet(args) -> None:
     patcher, clip, vae, meta = M.load_base(args.weights_dir / M.BASE_FILE)
     model = patcher.model
     parts = {"unet": model.diffusion_model, "clip": clip.cond_stage_model, "vae": vae.first_stage_model, "info": meta["info"]}
-    fill_deterministic(model.diffusion_model, UNET_SEED + args.seed)
-    for name, module in model.diffusion_model.named_modules():
-        # residual branches start as the identity (the original LDM init the host's classes skip)
-        if name.endswith(("out_layers.3", "proj_out")) or name == "out.2":
-            torch.nn.init.zeros_(module.weight), torch.nn.init.zeros_(module.bias)
+    codes = M.load_identity_codes(args.weights_dir / M.BASE_FILE) if args.from_shipped else None
+    if not args.from_shipped:
+        fill_deterministic(model.diffusion_model, UNET_SEED + args.seed)
+        for name, module in model.diffusion_model.named_modules():
+            # residual branches start as the identity (the original LDM init the host's classes skip)
+            if name.endswith(("out_layers.3", "proj_out")) or name == "out.2":
+                torch.nn.init.zeros_(module.weight), torch.nn.init.zeros_(module.bias)
+    if codes is None:
+        torch.manual_seed(UNET_SEED + args.seed)
+        codes = IdentityCodes(M.TEXT_WIDTH * 2)
     model.diffusion_model.train()
     pool = world_pool(args.pool_size, split="train", seed=args.seed)
     t0 = time.time()
@@ -269,8 +286,10 @@ def train_unet(args) -> None:
     empty = captions("")
     ms = model.model_sampling
     params = [p for p in model.diffusion_model.parameters()]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    ema = EMA(model.diffusion_model, 0.999)
+    opt = torch.optim.AdamW([{"params": params, "scale": 1.0}, {"params": list(codes.parameters()), "scale": 10.0, "weight_decay": 0.0}],
+                            lr=args.lr, weight_decay=0.01)
+    ema, ema_codes = EMA(model.diffusion_model, 0.999), EMA(codes, 0.999)
+    identities = torch.from_numpy(pool["ids"]).long()
     gen = torch.Generator().manual_seed(args.seed)
     captured = []
 
@@ -282,14 +301,21 @@ def train_unet(args) -> None:
     budget, t0, step, last_ckpt, running = args.minutes * 60, time.time(), 0, time.time(), None
     while (elapsed := time.time() - t0) < budget:
         for g in opt.param_groups:
-            g["lr"] = args.lr * cosine(elapsed / budget)
+            g["lr"] = args.lr * g["scale"] * cosine(elapsed / budget)
         idx = torch.randint(len(x0_all), (args.batch_size,), generator=gen).tolist()
         variants = torch.randint(len(W.CAPTION_TEMPLATES), (args.batch_size,), generator=gen).tolist()
         drop = (torch.rand(args.batch_size, generator=gen) < 0.1).tolist()  # so classifier-free guidance works
-        conds = [empty if dr else captions(W.caption(W.DOMAINS[pool["domain"][i]], pool["scenes"][i], variant=v))
-                 for i, v, dr in zip(idx, variants, drop)]
-        context = torch.stack([c for c, _ in conds])
-        y = torch.cat([torch.stack([p for _, p in conds]), adm_size.expand(len(idx), -1)], dim=1)
+        coded = (torch.rand(args.batch_size, generator=gen) < args.identity_rows).tolist()
+        domains = [W.DOMAINS[pool["domain"][i]] for i in idx]
+        conds = [empty if dr else captions(W.caption(d, pool["scenes"][i], variant=v), W.SUBJECT_WORD[d])
+                 for i, d, v, dr in zip(idx, domains, variants, drop)]
+        context = torch.stack([c for c, _, _ in conds])
+        y = torch.cat([torch.stack([p for _, p, _ in conds]), adm_size.expand(len(idx), -1)], dim=1)
+        for domain in W.DOMAINS:  # the subject word carries the depicted identity in these rows
+            rows = [b for b in range(len(idx)) if coded[b] and not drop[b] and domains[b] == domain]
+            if rows:
+                at = torch.tensor([conds[b][2] for b in rows])
+                context = context.index_put((torch.tensor(rows), at), codes.apply(context[rows, at], domain, identities[[idx[b] for b in rows]]))
         x0 = x0_all[idx]
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(ms, len(idx), gen)
@@ -302,6 +328,7 @@ def train_unet(args) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update(model.diffusion_model, step)
+        ema_codes.update(codes, step)
         step += 1
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0:
@@ -310,12 +337,16 @@ def train_unet(args) -> None:
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(RUNS / "unet_ema.safetensors"))
+            save_file({k: v.contiguous() for k, v in ema_codes.shadow.items()}, str(RUNS / "codes_ema.safetensors"))
             last_ckpt = time.time()
     wall = time.time() - t0
     model.diffusion_model.load_state_dict(ema.shadow)
-    parts["unet"] = model.diffusion_model.eval()
-    parts["info"]["unet"] = {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "ema": 0.999, "caption_dropout": 0.1,
-                             "pool": args.pool_size, "wall_s": round(wall), "final_loss": round(running, 4)}
+    codes.load_state_dict(ema_codes.shadow)
+    parts["unet"], parts["identity_codes"] = model.diffusion_model.eval(), codes
+    run_info = {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "ema": 0.999, "caption_dropout": 0.1,
+                "identity_rows": args.identity_rows, "pool": args.pool_size, "wall_s": round(wall), "final_loss": round(running, 4)}
+    previous = parts["info"].get("unet") if args.from_shipped else None
+    parts["info"]["unet"] = {**run_info, "continued_from": previous} if previous else run_info
     write_base(args.weights_dir, parts)
     log(f"unet: {step} steps, loss {running:.4f}, wall {wall:.0f} s")
 
@@ -354,7 +385,7 @@ def train_vision(args) -> None:
 
     while (elapsed := time.time() - t0_loop) < budget:
         for g in opt.param_groups:
-            g["lr"] = args.lr * cosine(elapsed / budget)
+            g["lr"] = args.lr * g["scale"] * cosine(elapsed / budget)
         idx = torch.randint(len(refs), (args.batch_size,), generator=gen)
         pixels = comfy.clip_vision.clip_preprocess(refs[idx], size=M.VISION["image_size"])
         tokens = model(pixel_values=pixels, intermediate_output=-2)[0]  # last_hidden_state [B, T, D]
