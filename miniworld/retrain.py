@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from .world import SUBJECT_WORD
 
@@ -22,17 +23,27 @@ ROWS, STEPS = 6000, 1200
 IDENTITY_MINUTES = 24  # the UNet's second stage (miniworld.identity_codes)
 
 
+def triplets_command(domain: str, data: Path, rows: int = ROWS) -> list[str]:
+    """Training triplets of the domain's training identities (seed 1: every run of a domain reads the same rows)."""
+    return [sys.executable, "-m", "miniworld.world", "triplets", "--domain", domain, "--out", str(data), "--n", str(rows),
+            "--size", "128", "--seed", "1"]
+
+
+def train_command(domain: str, data: Path, run: Path, export: Path, steps: int = STEPS, *, batch: int = 16,
+                  options: Sequence[str] = (), validation: bool = True) -> list[str]:
+    """`python -m training.train --world` with the world's recipe; `options` add or override training arguments
+    (baselines.study: --mechanism, --num-queries, --alpha); validation: a grid at the end (does not change the weights)."""
+    return [sys.executable, "-m", "training.train", "--world", "--manifest", str(data / "manifest.jsonl"), "--word", SUBJECT_WORD[domain],
+            "--domain", domain, "--resolution", "128", "--center-crop", "--train-batch-size", str(batch), "--max-train-steps", str(steps),
+            "--learning-rate", "5e-4", "--lr-scheduler", "cosine", "--lr-warmup-steps", "50", "--checkpointing-steps", "200",
+            "--validation-steps", str(steps if validation else 0), "--output-dir", str(run), "--overwrite", "--export", str(export),
+            *options]
+
+
 def nested_commands(domain: str, work: Path, steps: int = STEPS) -> list[list[str]]:
     data, run = work / f"data_{domain}", work / f"nested_{domain}"
-    return [
-        [sys.executable, "-m", "miniworld.world", "triplets", "--domain", domain, "--out", str(data), "--n", str(ROWS),
-         "--size", "128", "--seed", "1"],
-        [sys.executable, "-m", "training.train", "--world", "--manifest", str(data / "manifest.jsonl"), "--word", SUBJECT_WORD[domain],
-         "--domain", domain, "--resolution", "128", "--center-crop", "--train-batch-size", "16", "--max-train-steps", str(steps),
-         "--learning-rate", "5e-4", "--lr-scheduler", "cosine", "--lr-warmup-steps", "50", "--checkpointing-steps", "200",
-         "--validation-steps", str(steps), "--output-dir", str(run), "--overwrite",
-         "--export", str(NESTED_DIR / f"nested_{domain}.safetensors")],
-    ]
+    return [triplets_command(domain, data),
+            train_command(domain, data, run, NESTED_DIR / f"nested_{domain}.safetensors", steps)]
 
 
 def run(commands: list[list[str]]) -> float:
