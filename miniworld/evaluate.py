@@ -8,6 +8,11 @@ attention with the identity's own reference photo at each λ; nested attention w
 identity's reference (λ = 1), so "identity" means the reference's, not just the domain's; and, where the base
 file has them, the oracle: the base model told the identity through the subject word's identity code
 (miniworld.identity_codes), the most a subject-word value can do in this world.
+
+For the paper's comparison (baselines/, `python -m baselines.study`) the same conditions run with a baseline
+mechanism (`--mechanism`, default: the one the weights file records) and its knob (λ, or decoupled CA's
+`--scales`); `--photos 3` adds the subject from three reference photos, `--mixing` two identities' tokens
+concatenated; `evaluate_two_domains` puts a person and a dog in one image, each bound or alone.
 """
 from __future__ import annotations
 
@@ -74,6 +79,15 @@ class Generator:
         """SUBJECT from [B, H, W, 3] reference photos (B > 1: tokens concatenated, as Encode Subject does)."""
         return self.subject.encode_subject(weights, self.models.clip_vision, references)
 
+    def use_mechanism(self, mechanism: str = "nested", **options) -> None:
+        """Bound subjects are sampled with `mechanism` from now on: Apply Nested Attention's own patch, or a baseline
+        of the paper's comparison (baselines.patch.apply_mechanism; options: decoupled's scale). The nodes never
+        import baselines; only this evaluation does."""
+        if mechanism == "nested" and not options:
+            self.patched = self.apply.apply_nested_attention(self.models.patcher)
+        else:
+            self.patched = pack_module("baselines.patch").apply_mechanism(self.models.patcher, mechanism, **options)
+
     def told_identity(self, positive: list, caption: str, identity: world.Identity) -> list:
         """The oracle: the subject word's rows of the context carry the identity's code."""
         clip, word = self.models.clip, world.SUBJECT_WORD[identity.domain]
@@ -104,19 +118,32 @@ class Generator:
 
 def evaluate(domain: str, weights_path: str | Path | None = None, *, n_identities: int = 16, per_identity: int = 1,
              lambdas=(1.0, 2.0, 3.0), other_lambdas=(1.0,), steps: int = STEPS, vision: str = "random",
-             base_dir: str | Path | None = None, keep_images: bool = False) -> dict:
-    """Per-case scores of every condition: identity similarity (cosine to the reference's embedding), identity
-    attributes read back, prompt accuracy; plus the images when keep_images."""
+             base_dir: str | Path | None = None, keep_images: bool = False, mechanism: str | None = None,
+             scales=(1.0,), photos: int = 1, mixing: bool = False) -> dict:
+    """Per-case scores of every condition: identity similarity (cosine to the reference's embedding; `_other`: to
+    the other identity's), identity attributes read back, prompt accuracy; plus the images when keep_images.
+    `mechanism` (default: the file's) sweeps its knob: `lambdas` (λ), or `scales` for decoupled CA; `other_lambdas`
+    are that knob's values for the other reference. photos > 1: also the own subject from that many reference
+    photos (scored against the first); mixing: also the own and the other identity's tokens concatenated."""
     from .metrics import WorldMetrics
 
     core = pack_module("nested_core")
-    weights = core.load_weights(weights_path or WEIGHTS[domain])
+    path = weights_path or WEIGHTS[domain]
+    weights = core.load_weights(path)
+    mechanism = mechanism or mechanism_of(path)
     gen = Generator(vision=vision, steps=steps, base_dir=base_dir)
     metrics = WorldMetrics.load()
     word = world.SUBJECT_WORD[domain]
     todo = cases(domain, n_identities, per_identity)
     references = torch.stack([reference_photo(c.identity, c.reference_seed) for c in todo])
     others = references.roll(per_identity, dims=0)  # the next identity's photo: a different held-out person/dog
+    sweep = knob_settings(mechanism, scales if mechanism == "decoupled" else lambdas)
+
+    def sample(case: Case, subject, setting: tuple) -> torch.Tensor:
+        _, lam, options = setting
+        gen.use_mechanism(mechanism, **options)
+        return gen.image(case.caption, case.seed, [(subject, word, lam)])
+
     t0 = time.time()
     images: dict[str, list[torch.Tensor]] = {"base": []}
     for i, case in enumerate(todo):
@@ -124,12 +151,21 @@ def evaluate(domain: str, weights_path: str | Path | None = None, *, n_identitie
         if gen.codes is not None:
             images.setdefault("oracle", []).append(gen.image(case.caption, case.seed, told=case.identity))
         own = gen.encode_subject(weights, references[i : i + 1])
-        for lam in lambdas:
-            images.setdefault(f"nested λ={lam:g}", []).append(gen.image(case.caption, case.seed, [(own, word, lam)]))
+        for setting in sweep:
+            images.setdefault(f"{mechanism} {setting[0]}", []).append(sample(case, own, setting))
         other = gen.encode_subject(weights, others[i : i + 1])
-        for lam in other_lambdas:  # "other reference" alone is λ = 1
-            name = "other reference" if lam == 1.0 else f"other reference λ={lam:g}"
-            images.setdefault(name, []).append(gen.image(case.caption, case.seed, [(other, word, lam)]))
+        for setting in knob_settings(mechanism, other_lambdas):  # "other reference" alone is the knob at 1
+            name = "other reference" if setting[0].endswith("=1") else f"other reference {setting[0]}"
+            images.setdefault(name, []).append(sample(case, other, setting))
+        extra = {}
+        if photos > 1:  # Encode Subject with a batch: the tokens of every photo concatenated
+            more = [reference_photo(case.identity, case.reference_seed + k) for k in range(1, photos)]
+            extra[f"{photos} photos"] = gen.encode_subject(weights, torch.stack([references[i], *more]))
+        if mixing:  # two identities' tokens concatenated (Combine Subjects)
+            extra["mix"] = gen.encode_subject(weights, torch.stack([references[i], others[i]]))
+        for prefix, subject in extra.items():
+            for setting in sweep:
+                images.setdefault(f"{prefix} {setting[0]}", []).append(sample(case, subject, setting))
     seconds = time.time() - t0
     scenes = [c.scene for c in todo]
     identities = [c.identity for c in todo]
@@ -138,13 +174,110 @@ def evaluate(domain: str, weights_path: str | Path | None = None, *, n_identitie
         batch = torch.stack(tiles)
         scores[condition] = {
             "identity_similarity": metrics.identity_similarity(batch, references, domain=domain).tolist(),
+            "identity_similarity_other": metrics.identity_similarity(batch, others, domain=domain).tolist(),
             "identity_attributes": metrics.identity_attribute_accuracy(batch, identities).tolist(),
             "prompt_accuracy": metrics.prompt_accuracy(batch, scenes).tolist(),
             "prompt_fields": {k: v.tolist() for k, v in metrics.prompt_field_accuracy(batch, scenes).items()},
         }
-    result = {"domain": domain, "weights": str(weights_path or WEIGHTS[domain]), "cases": len(todo), "steps": steps,
+    result = {"domain": domain, "weights": str(path), "mechanism": mechanism, "cases": len(todo), "steps": steps,
               "cfg": gen.cfg, "seconds": seconds, "scores": scores,
               "captions": [c.caption for c in todo]}
+    if keep_images:
+        result["images"] = {k: torch.stack(v) for k, v in images.items()}
+        result["references"] = references
+    return result
+
+
+def mechanism_of(path: str | Path) -> str:
+    """The injection mechanism a weights file was trained for (its metadata; files without it are nested)."""
+    return pack_module("nested_core").read_config(path)[1].get("mechanism", "nested")
+
+
+def knob_settings(mechanism: str, values) -> list[tuple[str, float, dict]]:
+    """(condition suffix, λ, patch options) per value of the mechanism's inference knob: λ for nested, global V and
+    multiple tokens; for decoupled CA, which ignores λ, its output scale (paper Fig. 10)."""
+    if mechanism == "decoupled":
+        return [(f"scale={v:g}", 1.0, {"scale": float(v)}) for v in values]
+    return [(f"λ={v:g}", float(v), {}) for v in values]
+
+
+# The world's captions name one subject; two are composed from its phrases. The base model never saw such a caption.
+TWO_DOMAINS_CAPTION = "a photo of a small person on the left and a small dog on the right, on a {bg} background"
+TWO_DOMAINS_SIDES = {"person": "left", "pet": "right"}
+
+
+@dataclass(frozen=True)
+class PairCase:
+    identities: dict  # domain -> world.Identity
+    background: str  # a plain colour, so each half can be scored alone
+    seed: int
+    reference_seeds: dict  # domain -> seed of its reference photo
+
+    @property
+    def caption(self) -> str:
+        return TWO_DOMAINS_CAPTION.format(bg=self.background)
+
+
+def pair_cases(n_identities: int, seed: int = 0) -> list[PairCase]:
+    """The i-th held-out person with the i-th held-out dog, plain backgrounds in turn, fixed seeds."""
+    rng = np.random.default_rng([seed, len(world.DOMAINS)])
+    colours = list(world.BACKGROUND_COLOURS)
+    pairs = zip(*(world.eval_identities(d, n_identities) for d in world.DOMAINS))
+    return [PairCase(dict(zip(world.DOMAINS, pair)), colours[i % len(colours)], int(rng.integers(2**31)),
+                     {d: int(rng.integers(2**31)) for d in world.DOMAINS}) for i, pair in enumerate(pairs)]
+
+
+def one_side(images: torch.Tensor, side: str, backgrounds: list[str]) -> torch.Tensor:
+    """[N,H,W,3] with the other half painted its background colour: a one-subject image the metrics can read."""
+    out, half = images.clone(), images.shape[2] // 2
+    other = slice(half, None) if side == "left" else slice(0, half)
+    for i, name in enumerate(backgrounds):
+        out[i, :, other] = torch.tensor(world.BACKGROUND_COLOURS[name], dtype=out.dtype) / 255
+    return out
+
+
+def evaluate_two_domains(weights_paths: dict, *, n_identities: int = 16, lambdas=(1.0, 2.0, 3.0), scales=(1.0,),
+                         steps: int = STEPS, vision: str = "random", base_dir: str | Path | None = None,
+                         mechanism: str | None = None, keep_images: bool = False) -> dict:
+    """A person (left) and a dog (right) in one image, each from its own weights file and word, bound together or
+    each alone on the same caption and seed. Per domain, on its half (the other painted over): identity similarity
+    to its reference, whether the half is read as that domain, prompt accuracy of the half's scene."""
+    from .metrics import WorldMetrics
+
+    core = pack_module("nested_core")
+    weights = {d: core.load_weights(p) for d, p in weights_paths.items()}
+    recorded = {mechanism_of(p) for p in weights_paths.values()}
+    if mechanism is None and len(recorded) != 1:
+        raise ValueError(f"the files were trained for different mechanisms ({sorted(recorded)}): {weights_paths}")
+    mechanism = mechanism or recorded.pop()
+    gen = Generator(vision=vision, steps=steps, base_dir=base_dir)
+    metrics = WorldMetrics.load()
+    todo = pair_cases(n_identities)
+    references = {d: torch.stack([reference_photo(c.identities[d], c.reference_seeds[d]) for c in todo]) for d in world.DOMAINS}
+    t0 = time.time()
+    images: dict[str, list[torch.Tensor]] = {"no subject": []}
+    for i, case in enumerate(todo):
+        images["no subject"].append(gen.image(case.caption, case.seed))
+        subjects = {d: gen.encode_subject(weights[d], references[d][i : i + 1]) for d in world.DOMAINS}
+        for suffix, lam, options in knob_settings(mechanism, scales if mechanism == "decoupled" else lambdas):
+            gen.use_mechanism(mechanism, **options)
+            for name, bound in (("both", world.DOMAINS), *((f"{world.SUBJECT_WORD[d]} alone", (d,)) for d in world.DOMAINS)):
+                bindings = [(subjects[d], world.SUBJECT_WORD[d], lam) for d in bound]
+                images.setdefault(f"{name} {suffix}", []).append(gen.image(case.caption, case.seed, bindings))
+    seconds = time.time() - t0
+    backgrounds = [c.background for c in todo]
+    scores = {}
+    for condition, tiles in images.items():
+        batch, scores[condition] = torch.stack(tiles), {}
+        for d, side in TWO_DOMAINS_SIDES.items():
+            crops = one_side(batch, side, backgrounds)
+            scenes = [world.Scene(background=b, position=side, size="small") for b in backgrounds]
+            read = metrics.logits(crops)["domain"].argmax(-1) == world.DOMAINS.index(d)
+            scores[condition].update({f"{d}_similarity": metrics.identity_similarity(crops, references[d], domain=d).tolist(),
+                                      f"{d}_domain": read.float().tolist(),
+                                      f"{d}_prompt": metrics.prompt_accuracy(crops, scenes).tolist()})
+    result = {"weights": {d: str(p) for d, p in weights_paths.items()}, "mechanism": mechanism, "cases": len(todo),
+              "steps": steps, "cfg": gen.cfg, "seconds": seconds, "scores": scores, "captions": [c.caption for c in todo]}
     if keep_images:
         result["images"] = {k: torch.stack(v) for k, v in images.items()}
         result["references"] = references
@@ -175,7 +308,12 @@ def main(argv=None) -> None:
     p.add_argument("--identities", type=int, default=16)
     p.add_argument("--per-identity", type=int, default=1)
     p.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 2.0, 3.0])
-    p.add_argument("--other-lambdas", type=float, nargs="+", default=[1.0], help="λ of the other-identity condition")
+    p.add_argument("--other-lambdas", type=float, nargs="+", default=[1.0], help="λ (decoupled: scale) of the other-identity condition")
+    p.add_argument("--mechanism", choices=("nested", "decoupled", "global_v", "multiple_tokens"),
+                   help="how subjects enter cross-attention (default: the one the weights file records; baselines/)")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="decoupled CA's output scale (its knob instead of λ)")
+    p.add_argument("--photos", type=int, default=1, help="> 1: also the subject from that many reference photos")
+    p.add_argument("--mixing", action="store_true", help="also the own and another identity's tokens concatenated")
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--vision", choices=("random", "trained"), default="random")
     p.add_argument("--base-dir", type=Path, help="folder of the world's base and vision files (default: the shipped ones)")
@@ -184,7 +322,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     result = evaluate(args.domain, args.weights, n_identities=args.identities, per_identity=args.per_identity,
                       lambdas=args.lambdas, other_lambdas=args.other_lambdas, steps=args.steps, vision=args.vision,
-                      base_dir=args.base_dir)
+                      base_dir=args.base_dir, mechanism=args.mechanism, scales=args.scales, photos=args.photos, mixing=args.mixing)
     print(summary(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
