@@ -88,14 +88,26 @@ class Generator:
         else:
             self.patched = pack_module("baselines.patch").apply_mechanism(self.models.patcher, mechanism, **options)
 
-    def told_identity(self, positive: list, caption: str, identity: world.Identity) -> list:
-        """The oracle: the subject word's rows of the context carry the identity's code."""
+    def told_identity(self, caption: str, identity: world.Identity):
+        """The oracle: the base model whose subject-word value carries the identity's code (keys untouched),
+        as in the UNet's pretraining; only the conditional half of the batch."""
         clip, word = self.models.clip, world.SUBJECT_WORD[identity.domain]
         positions = self.prompt.PromptTokens.from_tokens(clip.tokenize(caption), clip.tokenizer).positions(word)
-        context = positive[0][0].clone()
-        for p in positions:
-            context[0, p] = self.codes.identity_row(context[0, p], identity)
-        return [[context, positive[0][1]]]
+
+        def patch(n, context, value, extra_options):
+            halves = extra_options.get("cond_or_uncond", [0])
+            size = value.shape[0] // len(halves)
+            value = value.clone()
+            for i, half in enumerate(halves):
+                if half == 0:  # the positive prompt (1 is the negative)
+                    rows = slice(i * size, (i + 1) * size)
+                    for p in positions:
+                        value[rows, p] = self.codes.identity_row(context[i * size, p], identity)
+            return n, context, value
+
+        model = self.models.patcher.clone()
+        model.set_model_attn2_patch(patch)
+        return model
 
     @torch.no_grad()
     def image(self, caption: str, seed: int, subjects: list[tuple] = (), told: world.Identity | None = None) -> torch.Tensor:
@@ -104,11 +116,9 @@ class Generator:
         import comfy.sample
 
         positive = self.prompt.encode_prompt(self.models.clip, caption)
-        if told is not None:
-            positive = self.told_identity(positive, caption, told)
         for subject, word, lam in subjects:
             positive = self.prompt.bind_subject(positive, subject.with_lambda(lam), word, 0)
-        model = self.patched if subjects else self.models.patcher
+        model = self.patched if subjects else self.told_identity(caption, told) if told is not None else self.models.patcher
         latent = torch.zeros(1, 4, self.size // 8, self.size // 8)
         noise = comfy.sample.prepare_noise(latent, seed)
         samples = comfy.sample.sample(model, noise, self.steps, self.cfg, SAMPLER, SCHEDULER, positive, self.negative, latent,

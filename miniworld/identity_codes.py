@@ -6,11 +6,14 @@ appearance from what that token carries. The world's captions name only the scen
 model pretrained on them alone gives the subject word about 1 % of the attention and draws a
 random identity whatever the token holds (measured: docs/miniworld.md).
 
-So in part of the pretraining steps the subject word's row of the text context carries the
-depicted identity: the row plus the sum of one learned vector per attribute value, rescaled to
-the row's norm (the value's scale, which α is defined against, stays that of a text token). The
-UNet learns to look at the subject word and draw the identity it carries: the role the subject
-token plays in SDXL. The codes ship with the base model only as an oracle for evaluation (the
+So in part of the pretraining steps the subject word's *value* carries the depicted identity:
+the row of the text context that cross-attention turns into values (an attn2 patch; the keys
+still see the plain word, as under nested attention) becomes the row plus the sum of one learned
+vector per attribute value, rescaled to the row's norm (the value's scale, which α is defined
+against, stays that of a text token). The UNet learns to attend to the subject word where the
+subject is and to draw the identity its value carries: the role the subject token plays in SDXL,
+and exactly the slot nested attention fills. (A first run that put the code in the keys too
+taught the UNet to find the code by its key, which nested attention cannot reproduce.) The codes ship with the base model only as an oracle for evaluation (the
 base model told the identity): the pack never uses them; nested attention has to produce such a
 value from a photo.
 """

@@ -311,11 +311,13 @@ def train_unet(args) -> None:
                  for i, d, v, dr in zip(idx, domains, variants, drop)]
         context = torch.stack([c for c, _, _ in conds])
         y = torch.cat([torch.stack([p for _, p, _ in conds]), adm_size.expand(len(idx), -1)], dim=1)
-        for domain in W.DOMAINS:  # the subject word carries the depicted identity in these rows
+        values = context  # the subject word's value (not its key) carries the depicted identity in coded rows
+        for domain in W.DOMAINS:
             rows = [b for b in range(len(idx)) if coded[b] and not drop[b] and domains[b] == domain]
             if rows:
                 at = torch.tensor([conds[b][2] for b in rows])
-                context = context.index_put((torch.tensor(rows), at), codes.apply(context[rows, at], domain, identities[[idx[b] for b in rows]]))
+                values = values.index_put((torch.tensor(rows), at), codes.apply(context[rows, at], domain, identities[[idx[b] for b in rows]]))
+        options["patches"] = {"attn2_patch": [lambda n, context_attn2, value_attn2, extra, values=values: (n, context_attn2, values)]}
         x0 = x0_all[idx]
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(ms, len(idx), gen)
