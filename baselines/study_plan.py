@@ -21,7 +21,7 @@ LAMBDAS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)  # the paper's Fig. 10 sweep for nested
 SCALES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # and for decoupled CA (its output scale; λ means nothing there)
 QUERIES = (16, 64, 256)  # Q-Former queries = nested keys; the world's default is 16 (the paper: 16 ... 1024)
 ALPHAS = (None, 1.0, 2.0, 3.0)  # value-norm target; None: no rescaling (--alpha 0)
-DEFAULT_QUERIES, DEFAULT_ALPHA = 16, 2.0  # training.args' world defaults: the mechanism runs use them
+DEFAULT_QUERIES, DEFAULT_ALPHA = 16, 1.0  # the world recipe (miniworld.retrain: --alpha 1; training.args: 16 queries): the mechanism runs use them
 PHOTOS = 3  # one vs three reference photos
 IDENTITIES, SAMPLING_STEPS, BATCH = 24, 20, 16
 GRID_CASES = 4  # cases whose images are kept for the grids

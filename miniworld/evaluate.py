@@ -38,6 +38,15 @@ NEGATIVE = ""  # the world's text encoder never saw a negative vocabulary: the e
 STEPS, CFG, SAMPLER, SCHEDULER = 20, 3.0, "euler", "normal"  # docs/miniworld.md "Base models": the recommended settings
 
 
+def vision_of(*weights) -> str:
+    """The world ViT ('random' / 'trained') the weights were trained with (their config names it)."""
+    names = {w.config.vision_encoder for w in weights}
+    keys = [k for k, file in VISION_FILES.items() if {f"miniworld-vit-{k}"} == names]
+    if not keys:
+        raise ValueError(f"weights trained on {sorted(names)}, not on one of the world's ViTs {list(VISION_FILES)}")
+    return keys[0]
+
+
 @dataclass(frozen=True)
 class Case:
     identity: world.Identity
@@ -67,7 +76,7 @@ def reference_photo(identity: world.Identity, seed: int) -> torch.Tensor:
 class Generator:
     """The world's models behind the nodes' own functions; one instance per process."""
 
-    def __init__(self, vision: str = "random", steps: int = STEPS, cfg: float = CFG, base_dir: str | Path | None = None):
+    def __init__(self, vision: str = "trained", steps: int = STEPS, cfg: float = CFG, base_dir: str | Path | None = None):
         self.models = load_world(base_dir, vision=VISION_FILES[vision])
         self.codes = load_identity_codes(Path(base_dir or WEIGHTS_DIR) / BASE_FILE)
         self.size, self.steps, self.cfg = IMAGE_SIZE, steps, cfg
@@ -127,7 +136,7 @@ class Generator:
 
 
 def evaluate(domain: str, weights_path: str | Path | None = None, *, n_identities: int = 16, per_identity: int = 1,
-             lambdas=(1.0, 2.0, 3.0), other_lambdas=(1.0,), steps: int = STEPS, vision: str = "random",
+             lambdas=(1.0, 2.0, 3.0), other_lambdas=(1.0,), steps: int = STEPS, vision: str | None = None,
              base_dir: str | Path | None = None, keep_images: bool = False, mechanism: str | None = None,
              scales=(1.0,), photos: int = 1, mixing: bool = False) -> dict:
     """Per-case scores of every condition: identity similarity (cosine to the reference's embedding; `_other`: to
@@ -141,7 +150,7 @@ def evaluate(domain: str, weights_path: str | Path | None = None, *, n_identitie
     path = weights_path or WEIGHTS[domain]
     weights = core.load_weights(path)
     mechanism = mechanism or mechanism_of(path)
-    gen = Generator(vision=vision, steps=steps, base_dir=base_dir)
+    gen = Generator(vision=vision or vision_of(weights), steps=steps, base_dir=base_dir)
     metrics = WorldMetrics.load()
     word = world.SUBJECT_WORD[domain]
     todo = cases(domain, n_identities, per_identity)
@@ -247,7 +256,7 @@ def one_side(images: torch.Tensor, side: str, backgrounds: list[str]) -> torch.T
 
 
 def evaluate_two_domains(weights_paths: dict, *, n_identities: int = 16, lambdas=(1.0, 2.0, 3.0), scales=(1.0,),
-                         steps: int = STEPS, vision: str = "random", base_dir: str | Path | None = None,
+                         steps: int = STEPS, vision: str | None = None, base_dir: str | Path | None = None,
                          mechanism: str | None = None, keep_images: bool = False) -> dict:
     """A person (left) and a dog (right) in one image, each from its own weights file and word, bound together or
     each alone on the same caption and seed. Per domain, on its half (the other painted over): identity similarity
@@ -260,7 +269,7 @@ def evaluate_two_domains(weights_paths: dict, *, n_identities: int = 16, lambdas
     if mechanism is None and len(recorded) != 1:
         raise ValueError(f"the files were trained for different mechanisms ({sorted(recorded)}): {weights_paths}")
     mechanism = mechanism or recorded.pop()
-    gen = Generator(vision=vision, steps=steps, base_dir=base_dir)
+    gen = Generator(vision=vision or vision_of(*weights.values()), steps=steps, base_dir=base_dir)
     metrics = WorldMetrics.load()
     todo = pair_cases(n_identities)
     references = {d: torch.stack([reference_photo(c.identities[d], c.reference_seeds[d]) for c in todo]) for d in world.DOMAINS}
@@ -325,7 +334,7 @@ def main(argv=None) -> None:
     p.add_argument("--photos", type=int, default=1, help="> 1: also the subject from that many reference photos")
     p.add_argument("--mixing", action="store_true", help="also the own and another identity's tokens concatenated")
     p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--vision", choices=("random", "trained"), default="random")
+    p.add_argument("--vision", choices=tuple(VISION_FILES), help="the world's ViT (default: the one the weights were trained with)")
     p.add_argument("--base-dir", type=Path, help="folder of the world's base and vision files (default: the shipped ones)")
     p.add_argument("--out", type=Path, help="write the per-case scores as JSON")
     args = p.parse_args(argv)

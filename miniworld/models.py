@@ -273,6 +273,6 @@ def _load_world(weights_dir: str, vision: str) -> WorldModels:
     return WorldModels(patcher, clip, vae, clip_vision, name, meta["info"])
 
 
-def load_world(weights_dir: str | os.PathLike | None = None, *, vision: str = VISION_FILES["random"]) -> WorldModels:
+def load_world(weights_dir: str | os.PathLike | None = None, *, vision: str = VISION_FILES["trained"]) -> WorldModels:
     """The world's models, fp32 on CPU. Cached: graphs load them many times; callers clone before patching."""
     return _load_world(str(Path(weights_dir or WEIGHTS_DIR).resolve()), vision)

@@ -20,7 +20,7 @@ from .world import SUBJECT_WORD
 ROOT = Path(__file__).resolve().parents[1]
 NESTED_DIR = ROOT / "miniworld" / "weights" / "nested"  # = evaluate.NESTED_DIR (this module stays host-free: it only starts processes)
 ROWS, STEPS = 6000, 1200
-IDENTITY_MINUTES = 24  # the UNet's second stage (miniworld.identity_codes)
+IDENTITY_MINUTES = 30  # the UNet's second stage (miniworld.identity_codes), on 2 threads
 
 
 def triplets_command(domain: str, data: Path, rows: int = ROWS) -> list[str]:
@@ -37,7 +37,9 @@ def train_command(domain: str, data: Path, run: Path, export: Path, steps: int =
             "--domain", domain, "--resolution", "128", "--center-crop", "--train-batch-size", str(batch), "--max-train-steps", str(steps),
             "--learning-rate", "5e-4", "--lr-scheduler", "cosine", "--lr-warmup-steps", "50", "--checkpointing-steps", "200",
             "--validation-steps", str(steps if validation else 0), "--output-dir", str(run), "--overwrite", "--export", str(export),
-            *options]
+            # α 1 keeps the nested value at the norm of the subject word's value, the scale the base UNet learned
+            # identity codes at (miniworld.identity_codes); --world-vision defaults to the trained ViT (more identity, measured)
+            "--alpha", "1", *options]
 
 
 def nested_commands(domain: str, work: Path, steps: int = STEPS) -> list[list[str]]:
@@ -67,7 +69,7 @@ def main(argv=None) -> None:
         times["vae"] = run([base + ["vae"]])
         # the shipped UNet's two stages: scenes from captions, then the subject word carrying the identity
         times["unet (scenes)"] = run([base + ["unet", "--identity-rows", "0"]])
-        times["unet (identity codes)"] = run([base + ["unet", "--from-shipped", "--minutes", str(IDENTITY_MINUTES)]])
+        times["unet (identity codes)"] = run([base + ["unet", "--from-shipped", "--minutes", str(IDENTITY_MINUTES), "--threads", "2"]])
         times["vision"] = run([base + ["vision"]])
         times["metrics"] = run([[sys.executable, "-m", "miniworld.train_metrics"]])
     NESTED_DIR.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cfg", type=float, nargs="+", default=[4.0], help="eval: guidance scales to compare")
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared: keep 1)")
-    p.add_argument("--identity-rows", type=float, default=0.5,
+    p.add_argument("--identity-rows", type=float, default=0.9,
                    help="unet: fraction of captioned steps whose subject word carries the identity (miniworld.identity_codes)")
     p.add_argument("--from-shipped", action="store_true",
                    help="unet: continue from the UNet (and identity codes) in --weights-dir instead of a fresh init")

