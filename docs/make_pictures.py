@@ -64,7 +64,7 @@ def make_attention_maps_picture(path: Path = DOCS / "nodes" / "attention_maps.pn
     weights = nested_core.load_weights(WEIGHTS_DIR / "nested" / "nested_person.safetensors")
     identity = world.eval_identities("person", 1)[0]  # held out: as workflows/world_inputs.py's miniworld_person.png
     reference = torch.from_numpy(world.render_reference(identity, size=128, seed=0)).float()[None] / 255
-    subject = subject_mod.encode_subject(weights, models.clip_vision, reference).with_lambda(2.0)
+    subject = subject_mod.encode_subject(weights, models.clip_vision, reference).with_lambda(1.0)
     text = "a photo of a large person wearing a hat on a blue background, on the left"
     positive = prompt_mod.bind_subject(prompt_mod.encode_prompt(models.clip, text), subject, "person", 0)
     negative = prompt_mod.encode_prompt(models.clip, "")
@@ -105,13 +105,13 @@ def make_attention_maps_picture(path: Path = DOCS / "nodes" / "attention_maps.pn
 
 
 CAPTION = """Attention Maps on the demo world (held-out person,
-shipped 300-step nested_person weights, lambda 2,
-percent 0.5). Top: where the word 'person' is
-attended, each map scaled to its maximum. Bottom:
-which of the 16 subject tokens each region reads
-(colour = PCA of the tokens; grey = all evenly).
-These weights read the tokens about evenly: they
-do not personalise yet (README, measured status)."""
+shipped nested_person weights, lambda 1, percent 0.5).
+Top: where the word 'person' is attended, each map
+scaled to its maximum: on the subject, most in the
+output blocks. Bottom: which of the 16 subject tokens
+each region reads (colour = PCA of the tokens;
+grey = all evenly); the label gives the strongest
+token's weight against an even share."""
 
 
 def main(argv=None) -> None:
