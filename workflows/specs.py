@@ -40,6 +40,7 @@ class Base:
     weights: dict  # domain -> nested-attention weights file
     photos: dict  # role -> the file Load Image reads from input/
     negative: str
+    lam: float  # Attention Scale λ of the one-setting graphs (the λ sweep shows 1, 2, 3)
 
     def loaders(self) -> list[Node]:
         if self.world:
@@ -69,12 +70,14 @@ WORLD = Base(
     {"person": "miniworld_person.png", "photo_2": "miniworld_person_photo_2.png", "photo_3": "miniworld_person_photo_3.png",
      "person_b": "miniworld_person_b.png", "pet": "miniworld_pet.png"},
     "",
+    1.0,  # measured in the world: λ 1 gives the most identity and keeps the prompt (docs/miniworld.md)
 )
 SDXL = Base(
     "nested_attention", False, 1024, (42, 30, 5.0, "dpmpp_2m", "karras", 1.0),
     {"person": "nested_attention_faces.safetensors", "pet": "nested_attention_pets.safetensors"},
     {"person": "person.png", "photo_2": "person_photo_2.png", "photo_3": "person_photo_3.png", "person_b": "person_b.png", "pet": "dog.png"},
     "blurry, lowres, deformed, bad anatomy, watermark, text",
+    2.0,
 )
 
 
@@ -121,11 +124,11 @@ def sample(b: Base, positive: str, column: int, prefix: str, name: str = "sample
 
 
 # --- the jobs ---------------------------------------------------------------------------------------------------
-def single_subject(b: Base, text: str, word: str = "person", lam: float = 2.0) -> list[Node]:
+def single_subject(b: Base, text: str, word: str = "person", lam: float | None = None) -> list[Node]:
     return head(b) + [
         photo(b, "photo", "person"),
         encode(b, "subject", "photo", 2),
-        Node("lam", "NestedAttentionScale", 2, [lam], {"subject": ("subject", 0)}),
+        Node("lam", "NestedAttentionScale", 2, [b.lam if lam is None else lam], {"subject": ("subject", 0)}),
         *prompts(b, text, 2),
         bind("bind", word, "prompt", "lam", 3),
         *apply_and_latent(b, 3),
@@ -152,7 +155,7 @@ def reference_photos(b: Base, text: str) -> list[Node]:
         Node("batch12", "ImageBatch", 2, [], {"image1": ("photo1", 0), "image2": ("photo2", 0)}),
         Node("photos", "ImageBatch", 2, [], {"image1": ("batch12", 0), "image2": ("photo3", 0)}),
         encode(b, "subject", "photos", 2),
-        Node("lam", "NestedAttentionScale", 3, [2.0], {"subject": ("subject", 0)}),
+        Node("lam", "NestedAttentionScale", 3, [b.lam], {"subject": ("subject", 0)}),
         *prompts(b, text, 3),
         bind("bind", "person", "prompt", "lam", 4),
         *apply_and_latent(b, 4),
@@ -165,7 +168,7 @@ def identity_mixing(b: Base, text: str) -> list[Node]:
         photo(b, "photo_a", "person"), photo(b, "photo_b", "person_b"),
         encode(b, "subject_a", "photo_a", 2), encode(b, "subject_b", "photo_b", 2),
         Node("mix", "NestedAttentionCombineSubjects", 2, [], {"subject_a": ("subject_a", 0), "subject_b": ("subject_b", 0)}),
-        Node("lam", "NestedAttentionScale", 2, [2.0], {"subject": ("mix", 0)}),
+        Node("lam", "NestedAttentionScale", 2, [b.lam], {"subject": ("mix", 0)}),
         *prompts(b, text, 3),
         bind("bind", "person", "prompt", "lam", 3),
         *apply_and_latent(b, 4),
@@ -196,7 +199,7 @@ def with_model_patch(b: Base, text: str) -> list[Node]:
     return head(b) + [
         photo(b, "photo", "person"), *patch,
         encode(b, "subject", "photo", 2),
-        Node("lam", "NestedAttentionScale", 2, [2.0], {"subject": ("subject", 0)}),
+        Node("lam", "NestedAttentionScale", 2, [b.lam], {"subject": ("subject", 0)}),
         *prompts(b, text, 2, clip=clip),
         bind("bind", "person", "prompt", "lam", 3),
         *apply_and_latent(b, 3, model=model),
