@@ -1,10 +1,11 @@
 """The results page's numbers and figures, regenerated from the shipped files:
 
     python -m miniworld.report [--identities 24] [--steps 20]
+    python -m miniworld.report --figure-only     # redraw lambda_sweep.png from the stored docs/results JSON
 
 Writes docs/results/<domain>.json (per-case scores of every condition) and docs/figures/: lambda_sweep.png
 (identity and prompt accuracy vs λ, base and other-reference levels, 95 % bootstrap intervals) and
-samples_<domain>.png (held-out cases: reference, base, nested at each λ, another identity's reference).
+samples_<domain>.png (held-out cases: reference, base, oracle, nested at each λ, another identity's reference).
 """
 from __future__ import annotations
 
@@ -38,10 +39,14 @@ def lambda_figure(results: dict[str, dict], path: Path) -> None:
             ax = axes[row][col]
             cis = np.array([bootstrap_ci(scores[f"nested λ={lam:g}"][metric]) for lam in lams])
             ax.errorbar(lams, cis[:, 0], yerr=[cis[:, 0] - cis[:, 1], cis[:, 2] - cis[:, 0]], marker="o", capsize=3, label="nested attention")
-            for condition, style in (("base", "--"), ("other reference", ":")):
+            levels = (("base", "--", "gray"), ("other reference", ":", "tab:red"), ("oracle", "-.", "tab:green"))
+            for condition, style, colour in levels:
+                if condition not in scores:  # the oracle needs a base file with identity codes
+                    continue
                 mean, lo, hi = bootstrap_ci(scores[condition][metric])
-                ax.axhline(mean, linestyle=style, color="gray" if condition == "base" else "tab:red", label=condition)
-                ax.axhspan(lo, hi, color="gray" if condition == "base" else "tab:red", alpha=0.12)
+                name = "oracle (base model told the identity)" if condition == "oracle" else condition
+                ax.axhline(mean, linestyle=style, color=colour, label=name)
+                ax.axhspan(lo, hi, color=colour, alpha=0.12)
             ax.set_xlabel("λ (Attention Scale)")
             ax.set_title(f"{domain}: {label}")
             ax.grid(alpha=0.3)
@@ -62,7 +67,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m miniworld.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--identities", type=int, default=24)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--figure-only", action="store_true", help="redraw the λ figure from docs/results/<domain>.json, sample nothing")
     args = p.parse_args(argv)
+    if args.figure_only:
+        stored = {d: json.loads((DOCS / "results" / f"{d}.json").read_text()) for d in world.DOMAINS}
+        lambda_figure(stored, DOCS / "figures" / "lambda_sweep.png")
+        return
     torch.set_num_threads(1)
     (DOCS / "results").mkdir(parents=True, exist_ok=True)
     (DOCS / "figures").mkdir(parents=True, exist_ok=True)

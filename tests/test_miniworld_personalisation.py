@@ -4,9 +4,8 @@ sampler) look like the reference's identity, more than the base model's and more
 another held-out identity's photo, while the prompt is followed as well as by the base model.
 
 Scored by the world's own metrics (miniworld.metrics, validated on held-out renders). The thresholds are set
-from the distributions measured on exactly these cases (docs/results/{person,pet}.json, `python -m
-miniworld.evaluate --domain D --identities 12 --steps 12 --lambdas 1 2 --out ...`); each is stated next to
-what was measured, about half way between that and no effect.
+from the distributions measured on exactly these cases (`python -m miniworld.evaluate --domain D --identities 12
+--steps 12 --lambdas 1 2`, tabled in docs/miniworld.md); each is stated next to what was measured.
 """
 from __future__ import annotations
 
