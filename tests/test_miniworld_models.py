@@ -45,7 +45,7 @@ def test_shipped_files_are_small_fp16_with_configs_in_metadata():
     assert sum(f.stat().st_size for f in files) <= 18e6
     with safe_open(str(files[0]), framework="pt") as f:
         meta = f.metadata()
-        assert {k.split(".")[0] for k in f.keys()} == {"unet", "clip", "vae"}
+        assert {k.split(".")[0] for k in f.keys()} == {"unet", "clip", "vae", "identity_codes"}
         assert f.get_tensor("unet.out.2.weight").dtype == torch.float16
     configs = json.loads(meta["configs"])
     assert configs["unet"]["context_dim"] == 64 and configs["vae"]["embed_dim"] == 4
@@ -57,7 +57,7 @@ def test_types_are_the_hosts_sdxl_classes(world_models):
     assert m.patcher.model.model_type == comfy.model_base.ModelType.V_PREDICTION
     assert isinstance(m.clip, comfy.sd.CLIP) and isinstance(m.vae, comfy.sd.VAE)
     assert isinstance(m.clip_vision, comfy.clip_vision.ClipVisionModel)
-    assert m.vision_encoder == "miniworld-vit-random"
+    assert m.vision_encoder == "miniworld-vit-trained"  # the default: what the shipped nested weights use
     for module in (m.patcher.model.diffusion_model, m.clip.cond_stage_model, m.vae.first_stage_model, m.clip_vision.model):
         assert next(module.parameters()).dtype == torch.float32
     n_unet = sum(p.numel() for p in m.patcher.model.diffusion_model.parameters())
