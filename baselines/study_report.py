@@ -289,9 +289,13 @@ def page(results: dict, layout: Layout, settings: dict, written: list[Path]) -> 
             for flags in ("", "--pet --two-domains")}
     rel = lambda p: Path(p).resolve().relative_to(layout.page.parent.resolve()) if Path(p).resolve().is_relative_to(layout.page.parent.resolve()) else p  # noqa: E731
     out = ["# Nested attention vs the paper's baselines, in the miniature world (issue 9)", ""]
-    if settings.get("steps", 0) < settings.get("full_steps", 1200) or settings.get("identities", 0) < 16:
-        out += [f"**Dry run** ({settings.get('steps')} training steps, {settings.get('identities')} identities, "
+    steps, full_steps, identities = settings.get("steps", 0), settings.get("full_steps", 1200), settings.get("identities", 0)
+    if steps < 100 or identities < 4:
+        out += [f"**Dry run** ({steps} training steps, {identities} identities, "
                 f"{settings.get('sampling_steps')} sampling steps): these numbers exercise the pipeline; they are not results.", ""]
+    elif steps < full_steps or identities < 16:
+        out += [f"**Reduced budget**: {steps} of the shipped {full_steps} training steps, the same for every method; {identities} "
+                f"held-out identities, {settings.get('sampling_steps')} sampling steps. A first measurement: read the intervals.", ""]
     out += ["## Regenerate", "", REGENERATE.format(total=f"about {hours(full['']['total'])} here, person only"), "",
             "Settings of this page: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".", "",
             NOTES.format(photos=PHOTOS, caption=TWO_DOMAINS_CAPTION), ""]

@@ -227,6 +227,9 @@ def test_a_dry_run_page_says_so(synthetic_study):
 
     (synthetic_study.results / "study.json").write_text(json.dumps({"steps": 20, "full_steps": 1200, "identities": 2, "sampling_steps": 4}))
     assert "**Dry run**" in study_report.report(synthetic_study).read_text()
+    (synthetic_study.results / "study.json").write_text(json.dumps({"steps": 600, "full_steps": 1200, "identities": 12, "sampling_steps": 12}))
+    page = study_report.report(synthetic_study).read_text()
+    assert "**Reduced budget**: 600 of the shipped 1200 training steps" in page and "Dry run" not in page
 
 
 def test_the_study_cli_runs_as_a_module():
