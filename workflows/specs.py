@@ -233,11 +233,11 @@ def note(b: Base, what: str, nodes: list[Node], how: str, thumbnail: str) -> str
 
     weights, photos = ", ".join(values("NestedAttentionLoader")), ", ".join(values("LoadImage"))
     if b.world:
-        files = ["Load Mini World: miniworld/weights/base.safetensors + vision.safetensors (shipped in this pack)",
+        files = ["Load Mini World: miniworld/weights/base.safetensors + vision_trained.safetensors (shipped in this pack)",
                  f"nested_attention: {weights} (shipped: miniworld/weights/nested/; remade by `python -m miniworld.retrain nested`)",
                  f"input/: {photos}: held-out subjects of the world; `python -m workflows.world_inputs --out <ComfyUI>/input` "
                  "in the pack's folder writes them"]
-        where = "Demo world: the pack's own small models (128 px, seconds on a CPU); how well it personalises: README, 'Measured status'."
+        where = "Demo world: the pack's own small models (128 px, seconds on a CPU); how well it personalises: README, 'Measured: it personalises'."
     else:
         loaders = [v for n in nodes for v in n.widgets[:1] if isinstance(v, str) and v in SDXL_SOURCES]
         files = [SDXL_SOURCES[v] for v in dict.fromkeys(loaders)]
