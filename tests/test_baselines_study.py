@@ -237,3 +237,19 @@ def test_the_study_cli_runs_as_a_module():
                           cwd=PACK_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "13 runs" in proc.stdout and "defaults" in proc.stdout
+
+
+def test_the_paired_table_subtracts_case_by_case():
+    from baselines import study_report
+
+    def result(scores):
+        return {"scores": {c: {"identity_similarity": i, "prompt_accuracy": p} for c, (i, p) in scores.items()}}
+
+    runs = {"nested": result({"nested λ=1": ([0.6, 0.7, 0.8], [1.0, 1.0, 0.5]), "nested λ=2": ([0.9, 0.9, 0.9], [0.5, 0.5, 0.5])}),
+            "decoupled": result({"decoupled scale=0.5": ([0.0, 0.0, 0.0], [0.0, 0.0, 0.0]), "decoupled scale=1": ([0.5, 0.6, 0.7], [1.0, 0.5, 0.5])}),
+            "global_v": result({"global_v λ=2": ([0.8, 0.9, 1.0], [0.5, 0.5, 0.5])})}
+    text = study_report.paired_table(runs)
+    # same cases: every difference is exactly 0.1 (so the interval is a point); scale 0.5 is not compared
+    assert "| decoupled CA | scale=1 vs nested λ=1 | +0.100 [+0.100, +0.100] | +0.167 [" in text
+    assert "| global V | λ=2 vs nested λ=2 | +0.000 [-0.100, +0.100] | +0.000 [+0.000, +0.000] |" in text
+    assert "scale=0.5" not in text
