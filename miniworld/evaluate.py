@@ -30,7 +30,7 @@ from training.host import pack_module, setup_comfyui
 setup_comfyui()  # before the world's models import the host
 
 from . import world  # noqa: E402
-from .models import BASE_FILE, IMAGE_SIZE, VISION_FILES, WEIGHTS_DIR, load_identity_codes, load_world  # noqa: E402
+from .models import BASE_FILE, IMAGE_SIZE, VISION_FILES, VISION_NAMES, WEIGHTS_DIR, load_identity_codes, load_world  # noqa: E402
 
 NESTED_DIR = WEIGHTS_DIR / "nested"  # the world's nested-attention weights; Load Nested Attention lists this folder too
 WEIGHTS = {domain: NESTED_DIR / f"nested_{domain}.safetensors" for domain in world.DOMAINS}
@@ -41,7 +41,7 @@ STEPS, CFG, SAMPLER, SCHEDULER = 20, 3.0, "euler", "normal"  # docs/miniworld.md
 def vision_of(*weights) -> str:
     """The world ViT ('random' / 'trained') the weights were trained with (their config names it)."""
     names = {w.config.vision_encoder for w in weights}
-    keys = [k for k, file in VISION_FILES.items() if {f"miniworld-vit-{k}"} == names]
+    keys = [k for k, name in VISION_NAMES.items() if {name} == names]
     if not keys:
         raise ValueError(f"weights trained on {sorted(names)}, not on one of the world's ViTs {list(VISION_FILES)}")
     return keys[0]
@@ -102,6 +102,7 @@ class Generator:
         as in the UNet's pretraining; only the conditional half of the batch."""
         clip, word = self.models.clip, world.SUBJECT_WORD[identity.domain]
         positions = self.prompt.PromptTokens.from_tokens(clip.tokenize(caption), clip.tokenizer).positions(word)
+        coded: dict[int, torch.Tensor] = {}  # position -> its row with the code: the context is the same at every call
 
         def patch(n, context, value, extra_options):
             halves = extra_options.get("cond_or_uncond", [0])
@@ -109,9 +110,10 @@ class Generator:
             value = value.clone()
             for i, half in enumerate(halves):
                 if half == 0:  # the positive prompt (1 is the negative)
-                    rows = slice(i * size, (i + 1) * size)
                     for p in positions:
-                        value[rows, p] = self.codes.identity_row(context[i * size, p], identity)
+                        if p not in coded:
+                            coded[p] = self.codes.identity_row(context[i * size, p], identity)
+                        value[i * size:(i + 1) * size, p] = coded[p].to(value)
             return n, context, value
 
         model = self.models.patcher.clone()

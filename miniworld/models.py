@@ -40,6 +40,7 @@ from torch import nn
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 BASE_FILE = "base.safetensors"
 VISION_FILES = {"random": "vision.safetensors", "trained": "vision_trained.safetensors"}
+VISION_NAMES = {key: f"miniworld-vit-{key}" for key in VISION_FILES}  # recorded in the files and in nested weights trained on them
 FORMAT = "miniworld-base/1"
 IMAGE_SIZE = 128  # world images, px
 LATENT_SCALE = comfy.latent_formats.SDXL().scale_factor  # 0.13025: the UNet sees latents * this

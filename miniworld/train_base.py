@@ -22,13 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.host import setup_comfyui
+from training.host import pack_module, setup_comfyui
 
 setup_comfyui(cpu=True)  # before any comfy import (models imports the host)
 
 from training.models import prediction_target, sample_sigmas
 from training.tiny import fill_deterministic
-from nested_core import find_token_positions
 
 from . import models as M
 from . import world as W
@@ -210,15 +209,14 @@ class Captions:
 
     def __init__(self, clip):
         self.clip, self.cache = clip, {}
-        self.word_ids = {w: [t for t, _ in clip.tokenize(w)["l"][0][1:-1] if t != 49407] for w in W.SUBJECT_WORD.values()}
+        self.prompt_tokens = pack_module("nodes.prompt").PromptTokens  # the pack's one token finder, as training uses
 
     def __call__(self, text: str, word: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int | None]:
         if text not in self.cache:
             tokens = self.clip.tokenize(text)
             with torch.no_grad():
                 cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
-            chunks = [[t for t, _ in chunk] for chunk in tokens["l"]]
-            position = find_token_positions(chunks, self.word_ids[word], word=word)[0] if word else None
+            position = self.prompt_tokens.from_tokens(tokens, self.clip.tokenizer).positions(word)[0] if word else None
             self.cache[text] = (cond[0].float(), pooled[0].float(), position)
         return self.cache[text]
 
@@ -366,7 +364,7 @@ def train_vision(args) -> None:
     t0 = time.time()
     clip_vision = M.build_clip_vision()
     fill_deterministic(clip_vision.model, VISION_SEED)
-    M.save_vision(args.weights_dir / M.VISION_FILES["random"], clip_vision.model, name="miniworld-vit-random",
+    M.save_vision(args.weights_dir / M.VISION_FILES["random"], clip_vision.model, name=M.VISION_NAMES["random"],
                   info={"seed": VISION_SEED, "trained": False})
     if args.minutes <= 0:
         return
@@ -413,7 +411,7 @@ def train_vision(args) -> None:
     accuracy = float(np.mean(hits))
     log(f"vision: held-out identity-attribute accuracy {accuracy:.3f} (linear heads on mean-pooled last_hidden_state)")
     wall = time.time() - t0
-    M.save_vision(args.weights_dir / M.VISION_FILES["trained"], model, name="miniworld-vit-trained",
+    M.save_vision(args.weights_dir / M.VISION_FILES["trained"], model, name=M.VISION_NAMES["trained"],
                   info={"steps": step, "batch_size": args.batch_size, "lr": args.lr, "wall_s": round(wall), "final_loss": round(float(loss.detach()), 3),
                         "heldout_attribute_accuracy": round(accuracy, 3)})
     log(f"vision: {step} steps, loss {float(loss.detach()):.3f}, wall {wall:.0f} s")
