@@ -16,13 +16,21 @@ and exactly the slot nested attention fills. (A first run that put the code in t
 taught the UNet to find the code by its key, which nested attention cannot reproduce.) The codes ship with the base model only as an oracle for evaluation (the
 base model told the identity): the pack never uses them; nested attention has to produce such a
 value from a photo.
+
+Part codes (a harder world, for the paper's comparison): with `parts`, a query of the image receives the code of
+the part it shows (world.PARTS: the attributes visible there, at world.part_fractions' share of its cell) and a
+query off the subject the plain row. One vector per image, the same for every query (what global V can give),
+is then no longer what the UNet learned to read; a value per query (what nested attention gives) is.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
-from .world import ATTRIBUTES, DOMAINS, Identity
+from .world import ATTRIBUTES, DOMAINS, PARTS, Identity
 
 
 class IdentityCodes(nn.Module):
@@ -35,10 +43,19 @@ class IdentityCodes(nn.Module):
             sizes = torch.tensor([0] + [len(v) for _, v in ATTRIBUTES[d]][:-1])
             self.register_buffer(f"offsets_{d}", sizes.cumsum(0), persistent=False)
 
+    def attribute_vectors(self, domain: str, attrs: Tensor) -> Tensor:
+        """attrs [B, n_attributes] value indices -> one learned vector per attribute [B, n_attributes, width]."""
+        rows = attrs[:, : len(ATTRIBUTES[domain])] + getattr(self, f"offsets_{domain}")
+        return self.tables[domain][rows]
+
     def code(self, domain: str, attrs: Tensor) -> Tensor:
         """attrs [B, n_attributes] value indices -> codes [B, width]."""
-        rows = attrs[:, : len(ATTRIBUTES[domain])] + getattr(self, f"offsets_{domain}")
-        return self.tables[domain][rows].sum(dim=1)
+        return self.attribute_vectors(domain, attrs).sum(dim=1)
+
+    def part_codes(self, domain: str, attrs: Tensor) -> Tensor:
+        """attrs [B, n_attributes] -> [B, n_parts, width]: per part, the sum of the vectors of the attributes it shows."""
+        vectors, names = self.attribute_vectors(domain, attrs), [n for n, _ in ATTRIBUTES[domain]]
+        return torch.stack([vectors[:, [names.index(a) for a in shown]].sum(dim=1) for shown in PARTS[domain].values()], dim=1)
 
     def apply(self, rows: Tensor, domain: str, attrs: Tensor) -> Tensor:
         """Subject-word rows [B, width] -> rows carrying the identities, each at its row's norm."""
@@ -49,6 +66,60 @@ class IdentityCodes(nn.Module):
         """One subject-word row [width] carrying one identity (the oracle the evaluation compares with)."""
         attrs = torch.tensor([identity.attrs], device=row.device)
         return self.apply(row[None].float(), identity.domain, attrs)[0].to(row)
+
+
+@dataclass
+class CodedRow:
+    """One batch row whose subject word carries part codes: the word's position, its plain row [width], the
+    part codes [P, width] and the parts' share of each cell, per attention grid side: {side: [P, side·side]}."""
+
+    position: int
+    row: Tensor
+    codes: Tensor
+    fractions: dict[int, Tensor]
+
+
+class PartCodeInjection:
+    """The subject word's value, per query, = its row plus the code of the part that query shows, rescaled to the
+    row's norm; keys untouched. Host APIs only: an attn2 patch appends each row's P part codes to the value
+    context (so the layer's own to_v projects them) and zero rows to the key context; the attn2 replace patch
+    attends over the real tokens and swaps in the per-query value:
+
+        out_q = Σ_t P[q,t] V[t] + P[q,s] · (r_q · (V[s] + Σ_p f_p(q) · to_v(code_p)) − V[s]),
+        r_q = |row| / |row + Σ_p f_p(q) · code_p|        (to_v is linear without bias)
+
+    `rows`: batch row -> CodedRow, the rows of the batch the layer sees (the others are plain attention)."""
+
+    def __init__(self, rows: dict[int, CodedRow], n_parts: int):
+        self.rows, self.n_parts = rows, n_parts
+
+    def attn2_patch(self, n, context, value, extra_options):
+        extra = context.new_zeros(context.shape[0], self.n_parts, context.shape[2])
+        codes = extra.clone()
+        for b, coded in self.rows.items():  # a domain with fewer parts leaves its last extra rows zero
+            codes[b, : len(coded.codes)] = coded.codes.to(codes)
+        return n, torch.cat([context, extra], dim=1), torch.cat([value, codes], dim=1)
+
+    def attn2_replace(self, q: Tensor, k: Tensor, v: Tensor, extra_options) -> Tensor:
+        heads, tokens = extra_options["n_heads"], k.shape[1] - self.n_parts
+        qh, kh, vh = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k[:, :tokens], v[:, :tokens]))
+        probs = (qh @ kh.transpose(-1, -2) * qh.shape[-1] ** -0.5).softmax(dim=-1)
+        out = probs @ vh
+        side = int(round(q.shape[1] ** 0.5))
+        for b, coded in self.rows.items():
+            s, f = coded.position, coded.fractions[side].to(q)  # [P, N]
+            mixed = coded.row.to(q) + f.T @ coded.codes.to(q)  # [N, width]: the coded row before rescaling
+            ratio = coded.row.to(q).norm() / mixed.norm(dim=-1, keepdim=True)  # [N, 1]
+            value = ratio * (v[b, s] + f.T @ v[b, tokens : tokens + len(f)])  # [N, inner] = to_v(rescaled coded row) per query
+            value = rearrange(value, "n (h d) -> h n d", h=heads)
+            out[b] = out[b] + probs[b, :, :, s, None] * (value - vh[b, :, s, None])
+        return rearrange(out, "b h n d -> b n (h d)")
+
+    def install(self, options: dict, layer_keys) -> dict:
+        """transformer_options with both patches on every layer (for model.apply_model)."""
+        patches = {**options.get("patches", {}), "attn2_patch": [self.attn2_patch]}
+        replace = {**options.get("patches_replace", {}), "attn2": {key: self.attn2_replace for key in layer_keys}}
+        return {**options, "patches": patches, "patches_replace": replace}
 
 
 def save_tensors(codes: IdentityCodes) -> dict[str, Tensor]:

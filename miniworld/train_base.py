@@ -31,7 +31,7 @@ from training.tiny import fill_deterministic
 
 from . import models as M
 from . import world as W
-from .identity_codes import IdentityCodes
+from .identity_codes import CodedRow, IdentityCodes, PartCodeInjection
 
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "miniworld"
 CLIP_SEED, UNET_SEED, VAE_SEED, VISION_SEED = 1, 2, 3, 4
@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="unet: fraction of captioned steps whose subject word carries the identity (miniworld.identity_codes)")
     p.add_argument("--from-shipped", action="store_true",
                    help="unet: continue from the UNet (and identity codes) in --weights-dir instead of a fresh init")
+    p.add_argument("--parts", action="store_true",
+                   help="unet: each query's subject-word value carries the code of the part it shows (the harder world of "
+                        "baselines.study --world parts; give it its own --weights-dir)")
     args = p.parse_args(argv)
     defaults = {"pool": (0, 1, 0), "eval": (0, 1, 0), "vae": (12, 16, 2e-3), "unet": (34, 32, 1e-3), "vision": (6, 64, 1e-3)}[args.part]
     args.minutes = defaults[0] if args.minutes is None else args.minutes
@@ -101,6 +104,28 @@ def world_pool(n: int, *, split: str, seed: int) -> dict:
     RUNS.mkdir(parents=True, exist_ok=True)
     np.savez(path, images=np.stack(images), references=np.stack(refs), domain=np.array(domains), scene_fields=fields, ids=np.array(ids))
     return world_pool(n, split=split, seed=seed)
+
+
+PART_GRIDS = (16, 8, 4)  # the UNet's attention grids at 128 px (latent 16x16 and its two downsamplings)
+
+
+def pool_parts(pool: dict, *, n: int, seed: int) -> list[dict[int, torch.Tensor]]:
+    """Per pool image, {grid side: [n_parts, side·side]} part shares (world.render_parts of the very render)."""
+    path = RUNS / f"parts_train_{n}_{seed}.npz"
+    if not path.is_file():
+        t0, out = time.time(), {side: [] for side in PART_GRIDS}
+        for i, (d, scene, ids) in enumerate(zip(pool["domain"], pool["scenes"], pool["ids"])):
+            domain = W.DOMAINS[int(d)]
+            identity = W.Identity(domain, tuple(int(v) for v in ids[: len(W.ATTRIBUTES[domain])]))
+            labels = W.render_parts(identity, scene, size=M.IMAGE_SIZE, seed=i)
+            for side in PART_GRIDS:  # padded to 3 parts (the pet's count) so both domains stack
+                f = W.part_fractions(labels, domain, side).reshape(len(W.PARTS[domain]), -1)
+                out[side].append(np.pad(f, ((0, 3 - len(f)), (0, 0))))
+        np.savez(path, **{f"side{side}": np.stack(v) for side, v in out.items()})
+        log(f"part labels of {n} renders ({time.time() - t0:.0f} s)")
+    data = np.load(path, allow_pickle=False)
+    stacked = {side: torch.from_numpy(data[f"side{side}"]) for side in PART_GRIDS}
+    return [{side: stacked[side][i, : len(W.PARTS[W.DOMAINS[int(d)]])] for side in PART_GRIDS} for i, d in enumerate(pool["domain"])]
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -288,6 +313,8 @@ def train_unet(args) -> None:
                             lr=args.lr, weight_decay=0.01)
     ema, ema_codes = EMA(model.diffusion_model, 0.999), EMA(codes, 0.999)
     identities = torch.from_numpy(pool["ids"]).long()
+    part_shares = pool_parts(pool, n=args.pool_size, seed=args.seed) if args.parts else None
+    layer_keys = list(pack_module("nested_core").attn2_layers(model.diffusion_model))
     gen = torch.Generator().manual_seed(args.seed)
     captured = []
 
@@ -309,13 +336,20 @@ def train_unet(args) -> None:
                  for i, d, v, dr in zip(idx, domains, variants, drop)]
         context = torch.stack([c for c, _, _ in conds])
         y = torch.cat([torch.stack([p for _, p, _ in conds]), adm_size.expand(len(idx), -1)], dim=1)
-        values = context  # the subject word's value (not its key) carries the depicted identity in coded rows
+        values, part_rows = context, {}  # the subject word's value (not its key) carries the depicted identity in coded rows
         for domain in W.DOMAINS:
             rows = [b for b in range(len(idx)) if coded[b] and not drop[b] and domains[b] == domain]
-            if rows:
+            if rows and part_shares is not None:  # per query: the code of the part it shows
+                part_codes = codes.part_codes(domain, identities[[idx[b] for b in rows]])
+                for j, b in enumerate(rows):
+                    part_rows[b] = CodedRow(conds[b][2], context[b, conds[b][2]], part_codes[j], part_shares[idx[b]])
+            elif rows:
                 at = torch.tensor([conds[b][2] for b in rows])
                 values = values.index_put((torch.tensor(rows), at), codes.apply(context[rows, at], domain, identities[[idx[b] for b in rows]]))
-        options["patches"] = {"attn2_patch": [lambda n, context_attn2, value_attn2, extra, values=values: (n, context_attn2, values)]}
+        if part_shares is not None:
+            options = PartCodeInjection(part_rows, max(len(p) for p in W.PARTS.values())).install(options, layer_keys)
+        else:
+            options["patches"] = {"attn2_patch": [lambda n, context_attn2, value_attn2, extra, values=values: (n, context_attn2, values)]}
         x0 = x0_all[idx]
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(ms, len(idx), gen)
@@ -344,7 +378,7 @@ def train_unet(args) -> None:
     codes.load_state_dict(ema_codes.shadow)
     parts["unet"], parts["identity_codes"] = model.diffusion_model.eval(), codes
     run_info = {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "ema": 0.999, "caption_dropout": 0.1,
-                "identity_rows": args.identity_rows, "pool": args.pool_size, "wall_s": round(wall), "final_loss": round(running, 4)}
+                "identity_rows": args.identity_rows, "identity_codes": "parts" if args.parts else "whole", "pool": args.pool_size, "wall_s": round(wall), "final_loss": round(running, 4)}
     previous = parts["info"].get("unet") if args.from_shipped else None
     parts["info"]["unet"] = {**run_info, "continued_from": previous} if previous else run_info
     write_base(args.weights_dir, parts)

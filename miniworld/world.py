@@ -55,6 +55,13 @@ ATTRIBUTES: dict[str, list[tuple[str, list[str]]]] = {
         ("collar", list(COLLAR)),
     ],
 }
+# The parts of a subject and the attributes each one shows (miniworld.identity_codes' part codes): label i + 1
+# in render_parts is the i-th part; 0 is everything else (background, the shirt, the hat).
+PARTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "person": {"hair": ("hair_colour", "hair_style"),
+               "face": ("head", "skin", "eye_colour", "eye_spacing", "marking", "hair_colour")},  # eyebrows, beard
+    "pet": {"head": ("ears", "collar", "fur", "fur2"), "body": ("body", "fur", "fur2", "pattern"), "tail": ("tail", "fur")},
+}
 HELDOUT_FRACTION = 0.1
 SPLIT_SEED = 20250103
 
@@ -188,9 +195,13 @@ class Pen:
     In outline mode every filled part first erases what it covers (so outlines occlude like surfaces)
     and keeps only its edge, in its own colour."""
 
-    def __init__(self, layer: Image.Image, x0: float, y0: float, side: float, outline: bool):
+    def __init__(self, layer: Image.Image, x0: float, y0: float, side: float, outline: bool, labels: dict[str, int] | None = None):
         self.draw, self.x0, self.y0, self.side, self.outline = ImageDraw.Draw(layer), x0, y0, side, outline
         self.edge = max(1, round(side * 0.045))
+        self.labels, self.part = labels, None  # label mode: every shape filled with its part's label, not its colour
+
+    def _paint(self, colour: RGB) -> RGB:
+        return colour if self.labels is None else (self.labels.get(self.part, 0),) * 3
 
     def _box(self, cx: float, cy: float, w: float, h: float) -> list[float]:
         s = self.side
@@ -200,6 +211,7 @@ class Pen:
         return max(1, round(w * self.side))
 
     def _fill(self, colour: RGB) -> dict:
+        colour = self._paint(colour)
         return {"fill": TRANSPARENT, "outline": (*colour, 255), "width": self.edge} if self.outline else {"fill": (*colour, 255)}
 
     def ellipse(self, cx: float, cy: float, w: float, h: float, colour: RGB) -> None:
@@ -217,13 +229,14 @@ class Pen:
 
     def line(self, points: list[tuple[float, float]], colour: RGB, width: float) -> None:
         xy = [(self.x0 + x * self.side, self.y0 + y * self.side) for x, y in points]
-        self.draw.line(xy, fill=(*colour, 255), width=self._width(width), joint="curve")
+        self.draw.line(xy, fill=(*self._paint(colour), 255), width=self._width(width), joint="curve")
 
     def arc(self, cx: float, cy: float, w: float, h: float, start: float, end: float, colour: RGB, width: float) -> None:
-        self.draw.arc(self._box(cx, cy, w, h), start, end, fill=(*colour, 255), width=self._width(width))
+        self.draw.arc(self._box(cx, cy, w, h), start, end, fill=(*self._paint(colour), 255), width=self._width(width))
 
     def hat(self, cx: float, top: float, brim: float) -> None:
         """A top hat with a red band whose brim rests at height `top`."""
+        self.part = None
         self.rect(cx, top, brim, 0.06, HAT, radius=0.02)
         self.rect(cx, top - 0.14, 0.6 * brim, 0.26, HAT)
         self.rect(cx, top - 0.06, 0.6 * brim, 0.06, HAT_BAND)
@@ -235,20 +248,25 @@ def draw_person(pen: Pen, identity: Identity, hat: bool) -> None:
     hw, hh = {"round": (0.5, 0.5), "oval": (0.42, 0.56), "square": (0.48, 0.5), "wide": (0.6, 0.46)}[a["head"]]
     cx, cy = 0.5, 0.42
     top = cy - hh / 2
+    pen.part = "hair"
     if a["hair_style"] == "long":  # hair falling behind the shoulders
         pen.rect(cx, top + 0.36, hw + 0.1, 0.74, hair, radius=0.1)
+    pen.part = None
     pen.rect(cx, 0.93, 0.72, 0.3, SHIRT, radius=0.1)
+    pen.part = "face"
     pen.rect(cx, 0.72, 0.12, 0.2, skin)
     if a["head"] == "square":
         pen.rect(cx, cy, hw, hh, skin, radius=0.07)
     else:
         pen.ellipse(cx, cy, hw, hh, skin)
+    pen.part = "hair"
     if a["hair_style"] in ("short", "long", "bun"):  # a cap over the top of the head
         pen.chord(cx, top + 0.16, hw + 0.06, 0.42 * hh + 0.08, 180, 360, hair)
     if a["hair_style"] == "bun":
         pen.ellipse(cx, top - 0.06, 0.17, 0.15, hair)
     if a["hair_style"] == "mohawk":
         pen.rect(cx, top, 0.1, 0.24, hair, radius=0.03)
+    pen.part = "face"
     if a["marking"] == "beard":
         pen.chord(cx, cy + 0.05, hw, hh, 25, 155, hair)  # the chin and jaw; the mouth is drawn over it
     dx = {"narrow": 0.07, "medium": 0.11, "wide": 0.15}[a["eye_spacing"]]
@@ -288,11 +306,14 @@ def draw_dog(pen: Pen, identity: Identity, hat: bool) -> None:
             "curly": lambda: pen.arc(left - 0.03, by - 0.16, 0.16, 0.16, 0, 360, fur, 0.05),
             "fluffy": lambda: pen.ellipse(left - 0.07, by - 0.13, 0.15, 0.25, fur),
             "stub": lambda: pen.ellipse(left, by - 0.06, 0.1, 0.09, fur)}
+    pen.part = "tail"
     tail[a["tail"]]()
+    pen.part = "body"
     for x in (left + 0.1 * bw, left + 0.26 * bw, right - 0.24 * bw, right - 0.08 * bw):
         pen.rect(x, (by + feet) / 2, 0.075, feet - by, fur, radius=0.02)
     pen.ellipse(bx, by, bw, bh, fur)
     draw_fur_pattern(pen, a["pattern"], bx, by, bw, bh, fur2)
+    pen.part = "head"
     if a["ears"] == "pointy":
         pen.polygon([(hx - 0.12, hy - 0.06), (hx - 0.0, hy - 0.1), (hx - 0.1, hy - 0.27)], fur2)
     elif a["ears"] == "round":
@@ -339,35 +360,44 @@ def _background(name: str, side: int) -> Image.Image:
     return Image.fromarray(np.where(on[..., None], ink, paper))
 
 
-def _subject_layer(identity: Identity, side: int, style: str, rng: np.random.Generator) -> Image.Image:
-    """The styled subject on a transparent square layer of `side` px (already at supersampled size)."""
+def _subject_layer(identity: Identity, side: int, style: str, rng: np.random.Generator, labels: bool = False) -> Image.Image:
+    """The styled subject on a transparent square layer of `side` px (already at supersampled size). labels: each
+    pixel's part label (PARTS) in place of its colour, same shape and pose, filled even as an outline drawing."""
     layer = Image.new("RGBA", (side, side), TRANSPARENT)
     margin = side * 0.15  # room for the rotation and the hat
-    pen = Pen(layer, margin, margin, side - 2 * margin, outline=style == "outline drawing")
+    ids = {name: i + 1 for i, name in enumerate(PARTS[identity.domain])} if labels else None
+    pen = Pen(layer, margin, margin, side - 2 * margin, outline=style == "outline drawing" and not labels, labels=ids)
     (draw_person if identity.domain == "person" else draw_dog)(pen, identity, hat=style == "wearing a hat")
     if style == "upside down":
         layer = layer.transpose(Image.Transpose.ROTATE_180)
     layer = layer.rotate(float(rng.uniform(-7, 7)), resample=Image.NEAREST)  # nearest: it is box-filtered 4x afterwards
-    if style in ("grayscale", "inverted colors"):
+    if style in ("grayscale", "inverted colors") and not labels:
         rgb, alpha = layer.convert("RGB"), layer.getchannel("A")
         rgb = rgb.convert("L").convert("RGB") if style == "grayscale" else Image.eval(rgb, lambda v: 255 - v)
         layer = Image.merge("RGBA", (*rgb.split(), alpha))
     return layer
 
 
-def _compose(identity: Identity, canvas: Image.Image, style: str, size: str, x: float, rng: np.random.Generator, out: int) -> np.ndarray:
+def _compose(identity: Identity, canvas: Image.Image, style: str, size: str, x: float, rng: np.random.Generator, out: int,
+             labels: bool = False) -> np.ndarray:
+    """The subject pasted on `canvas`, box-filtered to `out` px; labels: the part labels at the supersampled size
+    instead (the same random draws, so the same pose and place)."""
     big = canvas.width
     box = round(big * SUBJECT_FRACTION[size] * float(rng.uniform(0.94, 1.06)) / 0.7)  # the layer has a 15% margin each side
-    layer = _subject_layer(identity, box, style, rng)
+    layer = _subject_layer(identity, box, style, rng, labels)
     if style == "pixelated":  # blocks of 4 output pixels (at 64 px) whatever the subject size
         cells = max(3, round(box / SUPERSAMPLE / (4 * out / 64)))
         small = layer.resize((cells, cells), Image.BOX)
         alpha = small.getchannel("A").point(lambda v: 255 if v >= 110 else 0)
+        if labels:  # labels are not averaged: the nearest one, inside the same blocky silhouette
+            small = layer.resize((cells, cells), Image.NEAREST)
         small.putalpha(alpha)
         layer = small.resize((box, box), Image.NEAREST)
     jitter = rng.uniform(-0.025, 0.025, size=2) * big
     cx, cy = x * big + jitter[0], 0.5 * big + jitter[1]
     canvas.paste(layer, (round(cx - box / 2), round(cy - box / 2)), layer)  # with itself as mask: blends, clips at the edges
+    if labels:
+        return np.asarray(canvas)[..., 0].copy()
     image = canvas.reduce(SUPERSAMPLE)  # a box filter: the antialiasing of the 4x drawing
     brightness = float(rng.uniform(0.9, 1.1))
     return np.clip(np.asarray(image, np.float32) * brightness, 0, 255).round().astype(np.uint8)
@@ -383,6 +413,26 @@ def render(identity: Identity, scene: Scene, *, size: int = 64, seed: int = 0) -
     background = _background(scene.background, size * SUPERSAMPLE).copy()
     x = POSITION_X[scene.size][SCENE_FIELDS["position"].index(scene.position)]
     return _compose(identity, background, scene.style, scene.size, x, rng, size)
+
+
+def render_parts(identity: Identity, scene: Scene, *, size: int = 64, seed: int = 0) -> np.ndarray:
+    """uint8 [4·size, 4·size]: which part of the subject (PARTS label, 0 = none) each supersampled pixel of
+    `render(identity, scene, size=size, seed=seed)` shows."""
+    rng = _rng(seed, identity, 1)
+    canvas = Image.new("RGB", (size * SUPERSAMPLE, size * SUPERSAMPLE), (0, 0, 0))
+    x = POSITION_X[scene.size][SCENE_FIELDS["position"].index(scene.position)]
+    return _compose(identity, canvas, scene.style, scene.size, x, rng, size, labels=True)
+
+
+def part_fractions(labels: np.ndarray, domain: str, grid: int) -> np.ndarray:
+    """float32 [n_parts, grid, grid]: the share of each grid cell that each part covers (row-major, as the UNet's
+    attention tokens are laid out)."""
+    n, side = len(PARTS[domain]), labels.shape[0]
+    if labels.shape != (side, side) or side % grid:
+        raise ValueError(f"labels {labels.shape} do not split into a {grid}x{grid} grid")
+    block = side // grid
+    onehot = labels[None] == np.arange(1, n + 1, dtype=labels.dtype)[:, None, None]
+    return onehot.reshape(n, grid, block, grid, block).mean(axis=(2, 4), dtype=np.float32)
 
 
 def render_reference(identity: Identity, *, size: int = 64, seed: int = 0) -> np.ndarray:
