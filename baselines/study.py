@@ -7,6 +7,9 @@ multiple tokens, trained alike and measured by the world's metrics, in one comma
     python -m baselines.study report      # docs/figures/study_*.png and docs/study.md from the stored scores
     python -m baselines.study estimate    # the wall time of that configuration here, from the recorded times
 
+    python -m baselines.study world --world parts   # the harder world's UNet (runs/parts_world/, 30 min)
+    python -m baselines.study all --world parts     # the same study in it (runs/study_parts/, docs/study_parts.md)
+
 A dry run exercises everything end to end in minutes (write it away from docs/):
     python -m baselines.study all --steps 20 --rows 64 --identities 2 --sampling-steps 4 --out /tmp/study
 
@@ -22,15 +25,17 @@ from pathlib import Path
 from miniworld import retrain
 
 from .study_plan import (
-    ALPHAS, BATCH, IDENTITIES, LAMBDAS, QUERIES, SAMPLING_STEPS, SCALES, Layout, data_command, describe, estimate,
-    measured_rates, plan, read_times, record_time, timed, train_command,
+    ALPHAS, BATCH, IDENTITIES, LAMBDAS, PARTS_MINUTES, QUERIES, SAMPLING_STEPS, SCALES, WORLDS, Layout, data_command,
+    default_layout, describe, estimate, measured_rates, plan, read_times, record_time, timed, train_command, world_command,
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m baselines.study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("command", choices=("all", "train", "evaluate", "report", "estimate"))
+    p.add_argument("command", choices=("world", "all", "train", "evaluate", "report", "estimate"))
+    p.add_argument("--world", choices=WORLDS, default="shipped",
+                   help="the shipped world, or the harder one whose UNet reads a code per part per query (`world` makes it)")
     g = p.add_argument_group("which runs")
     g.add_argument("--pet", action="store_true", help="also the four mechanisms on the pet domain")
     g.add_argument("--two-domains", action="store_true", help="a person and a dog in one image per mechanism (needs --pet)")
@@ -48,10 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--scales", type=float, nargs="+", default=list(SCALES), help="decoupled CA's knob")
     g = p.add_argument_group("where")
     g.add_argument("--out", type=Path, help="everything under this folder (work/, results/, figures/, study.md): dry runs")
-    g.add_argument("--work", type=Path, default=Layout.work, help="data, training runs, weights, images")
-    g.add_argument("--results", type=Path, default=Layout.results, help="per-case scores and times (JSON)")
-    g.add_argument("--figures", type=Path, default=Layout.figures)
-    g.add_argument("--page", type=Path, default=Layout.page)
+    g.add_argument("--work", type=Path, help="data, training runs, weights, images (default: runs/study[_parts])")
+    g.add_argument("--results", type=Path, help="per-case scores and times (JSON) (default: docs/results/study[_parts])")
+    g.add_argument("--figures", type=Path, help="default: docs/figures[/study_parts]")
+    g.add_argument("--page", type=Path, help="default: docs/study[_parts].md")
+    g.add_argument("--world-minutes", type=float, default=PARTS_MINUTES, help="world: the part-code stage's wall time")
+    g.add_argument("--overwrite-world", action="store_true", help="world: replace an existing runs/parts_world/base.safetensors")
     args = p.parse_args(argv)
     if args.two_domains and not args.pet:
         p.error("--two-domains needs --pet (a pet file per mechanism)")
@@ -62,8 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.alphas = [None if a.lower() == "none" else float(a) for a in args.alphas]
     except ValueError:
         p.error(f"--alphas: numbers or 'none', got {args.alphas}")
-    args.layout = (Layout(args.out / "work", args.out / "results", args.out / "figures", args.out / "study.md") if args.out
-                   else Layout(args.work, args.results, args.figures, args.page))
+    if args.command == "world" and args.world != "parts":
+        p.error("`world` makes the harder world: give --world parts (the shipped world ships in miniworld/weights)")
+    default = default_layout(args.world)
+    args.layout = (Layout(args.out / "work", args.out / "results", args.out / "figures", args.out / "study.md", default.world_dir)
+                   if args.out else Layout(args.work or default.work, args.results or default.results,
+                                           args.figures or default.figures, args.page or default.page, default.world_dir))
     args.runs = plan(pet=args.pet, queries=args.queries, alphas=args.alphas)
     if args.only:
         unknown = set(args.only) - {r.name for r in args.runs}
@@ -78,6 +89,23 @@ def write_settings(layout: Layout, **settings) -> None:
     old = json.loads(path.read_text()) if path.is_file() else {}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**old, **settings, "full_steps": retrain.STEPS}, indent=1))
+
+
+def make_world(args) -> None:
+    """The harder world: the shipped base and ViT files copied to runs/parts_world/, then its UNet trained on with
+    part codes (miniworld.train_base unet --parts); the shipped files are never written."""
+    import shutil
+
+    from miniworld.models import BASE_FILE, VISION_FILES, WEIGHTS_DIR
+
+    folder = args.layout.world_dir
+    if (folder / BASE_FILE).is_file() and not args.overwrite_world:
+        raise SystemExit(f"{folder / BASE_FILE} exists (a trained harder world); --overwrite-world replaces it")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (BASE_FILE, *VISION_FILES.values()):
+        shutil.copyfile(WEIGHTS_DIR / name, folder / name)
+    entry = timed(world_command(args.layout, args.world_minutes))
+    record_time(args.layout, "world parts", {**entry, "minutes": args.world_minutes})
 
 
 def train(args) -> None:
@@ -128,6 +156,9 @@ def print_estimate(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.command == "world":
+        make_world(args)
+        return
     if args.command in ("all", "train"):
         train(args)
     if args.command in ("all", "evaluate"):

@@ -47,7 +47,8 @@ def evaluate_run(run: Run, layout: Layout, *, identities: int, sampling_steps: i
         raise ValueError(f"{path} was trained for {mechanism_of(path)!r}, the study's run {run.name} is {run.mechanism!r}")
     full = run.ablation is None
     result = evaluate(run.domain, path, n_identities=identities, lambdas=lambdas, scales=scales, other_lambdas=(1.0,),
-                      steps=sampling_steps, mechanism=run.mechanism, photos=PHOTOS if full else 1, mixing=full, keep_images=True)
+                      steps=sampling_steps, mechanism=run.mechanism, photos=PHOTOS if full else 1, mixing=full, keep_images=True,
+                      base_dir=layout.world_dir)
     print(summary(result), flush=True)
     return save(layout, run.name, result, run={"name": run.name, "domain": run.domain, "mechanism": run.mechanism,
                                               "queries": run.queries, "alpha": run.alpha, "ablation": run.ablation})
@@ -56,7 +57,7 @@ def evaluate_run(run: Run, layout: Layout, *, identities: int, sampling_steps: i
 def evaluate_pair(mechanism: str, layout: Layout, *, identities: int, sampling_steps: int, lambdas=LAMBDAS, scales=SCALES) -> dict:
     paths = {d: layout.weights(Run(d, mechanism)) for d in world.DOMAINS}
     result = evaluate_two_domains(paths, n_identities=identities, lambdas=lambdas, scales=scales, steps=sampling_steps,
-                                  mechanism=mechanism, keep_images=True)
+                                  mechanism=mechanism, keep_images=True, base_dir=layout.world_dir)
     means = {c: {k: round(float(np.mean(v)), 3) for k, v in s.items()} for c, s in result["scores"].items()}
     print(f"two domains, {mechanism}: " + json.dumps(means), flush=True)
     return save(layout, f"two_domains_{mechanism}", result, run={"name": f"two_domains_{mechanism}", "mechanism": mechanism})

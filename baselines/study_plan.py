@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +79,17 @@ def ablation_runs(runs: list[Run], kind: str) -> list[Run]:
 @dataclass(frozen=True)
 class Layout:
     """Where the study writes: trained files and images under `work` (git-ignored), scores, times, figures and the
-    page under docs/."""
+    page under docs/. world_dir: the world's base and vision files (None: the shipped miniworld/weights)."""
 
     work: Path = ROOT / "runs" / "study"
     results: Path = ROOT / "docs" / "results" / "study"
     figures: Path = ROOT / "docs" / "figures"
     page: Path = ROOT / "docs" / "study.md"
+    world_dir: Path | None = None
+
+    @property
+    def world(self) -> str:
+        return "shipped" if self.world_dir is None else "parts"
 
     def data(self, domain: str) -> Path:
         return self.work / f"data_{domain}"
@@ -105,6 +111,28 @@ class Layout:
         return self.results / "times.json"
 
 
+# The worlds the study runs in: the shipped one, and a harder one whose UNet reads a code per part of the subject
+# per query (miniworld.identity_codes, part codes; made by `python -m baselines.study world --world parts`).
+WORLDS = ("shipped", "parts")
+PARTS_WORLD = ROOT / "runs" / "parts_world"
+PARTS_MINUTES = 30  # the part-code stage, continued from the shipped UNet, on 2 threads
+
+
+def default_layout(world: str = "shipped") -> Layout:
+    if world == "shipped":
+        return Layout()
+    if world != "parts":
+        raise ValueError(f"unknown world {world!r}; choose one of {WORLDS}")
+    return Layout(ROOT / "runs" / "study_parts", ROOT / "docs" / "results" / "study_parts", ROOT / "docs" / "figures" / "study_parts",
+                  ROOT / "docs" / "study_parts.md", PARTS_WORLD)
+
+
+def world_command(layout: Layout, minutes: float = PARTS_MINUTES) -> list[str]:
+    """The harder world's UNet: the shipped one trained on (minutes) with part codes, written to layout.world_dir."""
+    return [sys.executable, "-m", "miniworld.train_base", "unet", "--from-shipped", "--parts", "--minutes", f"{minutes:g}",
+            "--threads", "2", "--weights-dir", str(layout.world_dir)]
+
+
 def data_command(domain: str, layout: Layout, rows: int) -> list[str]:
     return retrain.triplets_command(domain, layout.data(domain), rows)
 
@@ -112,8 +140,9 @@ def data_command(domain: str, layout: Layout, rows: int) -> list[str]:
 def train_command(run: Run, layout: Layout, steps: int, batch: int = BATCH) -> list[str]:
     """miniworld.retrain's command with the run's mechanism, queries and α; no validation grid (the study
     evaluates), nothing written to miniworld/weights/."""
+    world = ["--world-dir", str(layout.world_dir)] if layout.world_dir is not None else []
     return retrain.train_command(run.domain, layout.data(run.domain), layout.run_dir(run), layout.weights(run), steps,
-                                 batch=batch, options=run.options(), validation=False)
+                                 batch=batch, options=[*run.options(), *world], validation=False)
 
 
 def timed(command: list[str], metrics: Path | None = None, poll_s: float = 0.5) -> dict:
@@ -218,5 +247,5 @@ def describe(est: dict) -> str:
             f"an image {est['rates']['image_a_s']:.3f} s + {est['rates']['image_b_s']:.4f} s per sampling step)")
 
 
-__all__ = ["Run", "Layout", "plan", "ablation_runs", "train_command", "data_command", "timed", "read_times", "record_time",
+__all__ = ["Run", "Layout", "WORLDS", "PARTS_WORLD", "default_layout", "world_command", "plan", "ablation_runs", "train_command", "data_command", "timed", "read_times", "record_time",
            "estimate", "measured_rates", "describe", "hours", "images_per_case", "two_domain_images_per_case"]

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from miniworld.evaluate import bootstrap_ci
 
-from .study_plan import BATCH, MECHANISMS, PHOTOS, Layout, describe, estimate, hours, measured_rates, plan, read_times
+from .study_plan import BATCH, MECHANISMS, ROOT, PHOTOS, Layout, describe, estimate, hours, measured_rates, plan, read_times
 
 LABELS = {"nested": "nested attention", "decoupled": "decoupled CA", "global_v": "global V", "multiple_tokens": "multiple tokens"}
 METRICS = ("identity_similarity", "prompt_accuracy")
@@ -179,7 +179,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def main_table(runs: dict[str, dict]) -> str:
     any_run = next(iter(runs.values()))
     rows = [[c, "", *(cell(ci(any_run, c, m)) for m in ("identity_similarity", "identity_attributes", "prompt_accuracy"))]
-            for c in ("base", "oracle") if c in any_run["scores"]]
+            for c in ("base", "oracle", "oracle, one vector") if c in any_run["scores"]]
     for m, r in runs.items():
         for c, _ in sweep(r, m):
             rows.append([LABELS[m], c.split(" ", 1)[1], *(cell(ci(r, c, k)) for k in ("identity_similarity", "identity_attributes", "prompt_accuracy"))])
@@ -278,11 +278,11 @@ def times_table(times: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- page
 REGENERATE = """```
-python -m baselines.study all [--pet] [--two-domains]   # retrain every file, evaluate, report ({total})
-python -m baselines.study train [--pet]                 # only the weights files (runs/study/weights/)
-python -m baselines.study evaluate [--pet] [--two-domains]  # scores, images, then this page, from the trained files
-python -m baselines.study report                        # only the figures, tables and this page, from the stored scores
-python -m baselines.study estimate [--pet] [--two-domains]  # the wall time of a full study here, from the times above
+{make}python -m baselines.study all{world} [--pet] [--two-domains]   # retrain every file, evaluate, report ({total})
+python -m baselines.study train{world} [--pet]                 # only the weights files ({work}/weights/)
+python -m baselines.study evaluate{world} [--pet] [--two-domains]  # scores, images, then this page, from the trained files
+python -m baselines.study report{world}                        # only the figures, tables and this page, from the stored scores
+python -m baselines.study estimate{world} [--pet] [--two-domains]  # the wall time of a full study here, from the times above
 ```"""
 
 NOTES = """- Every file is trained by `python -m training.train --world` with `miniworld.retrain`'s recipe (the same
@@ -300,6 +300,18 @@ NOTES = """- Every file is trained by `python -m training.train --world` with `m
   the base model draws two subjects: the "read as a dog" column of the no-subject row says whether it does."""
 
 
+PARTS_WORLD_NOTE = """The shipped world's UNet reads a subject's identity as **one** vector in the subject word's value (the same
+for every image position), which global V can give exactly: there the methods did not separate ([study.md](study.md)).
+In this harder world (`python -m baselines.study world --world parts`: the shipped UNet trained on for 30 min with
+part codes, miniworld.identity_codes) the value a position reads is the code of the **part it shows** (a person's
+hair or face; a dog's head, body or tail: the attributes visible there), and positions off the subject read the plain
+word. A value per query (nested attention) can give that; one vector for all positions (global V) cannot. Everything
+else (triplets, recipe, metrics, held-out cases) is the shipped world's. "oracle": the UNet told each part's code
+where the part is drawn in the world's own render of the case; "oracle, one vector": the whole identity's code at
+every position, the best single vector we know (both only for reference: they are told what nested attention has to
+infer from a photo)."""
+
+
 def page(results: dict, layout: Layout, settings: dict, written: list[Path]) -> str:
     from miniworld.evaluate import TWO_DOMAINS_CAPTION
 
@@ -310,6 +322,8 @@ def page(results: dict, layout: Layout, settings: dict, written: list[Path]) -> 
             for flags in ("", "--pet --two-domains")}
     rel = lambda p: Path(p).resolve().relative_to(layout.page.parent.resolve()) if Path(p).resolve().is_relative_to(layout.page.parent.resolve()) else p  # noqa: E731
     out = ["# Nested attention vs the paper's baselines, in the miniature world (issue 9)", ""]
+    if layout.world == "parts":
+        out = [f"# Nested attention vs the paper's baselines, in the harder world (issue 9)", "", PARTS_WORLD_NOTE, ""]
     steps, full_steps, identities = settings.get("steps", 0), settings.get("full_steps", 1200), settings.get("identities", 0)
     if steps < 100 or identities < 4:
         out += [f"**Dry run** ({steps} training steps, {identities} identities, "
@@ -317,7 +331,10 @@ def page(results: dict, layout: Layout, settings: dict, written: list[Path]) -> 
     elif steps < full_steps or identities < 16:
         out += [f"**Reduced budget**: {steps} of the shipped {full_steps} training steps, the same for every method; {identities} "
                 f"held-out identities, {settings.get('sampling_steps')} sampling steps. A first measurement: read the intervals.", ""]
-    out += ["## Regenerate", "", REGENERATE.format(total=f"about {hours(full['']['total'])} here, person only"), "",
+    out += ["## Regenerate", "", REGENERATE.format(
+        total=f"about {hours(full['']['total'])} here, person only", world="" if layout.world == "shipped" else " --world parts",
+        work=layout.work.resolve().relative_to(ROOT) if layout.work.resolve().is_relative_to(ROOT) else layout.work,
+        make="" if layout.world == "shipped" else "python -m baselines.study world --world parts   # the harder world's UNet (30 min)\n"), "",
             "Settings of this page: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".", "",
             NOTES.format(photos=PHOTOS, caption=TWO_DOMAINS_CAPTION), ""]
     sections = [("Identity vs prompt accuracy (paper Fig. 10)", "study_tradeoff.png", None)]

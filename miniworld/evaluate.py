@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +56,25 @@ class Case:
     reference_seed: int  # pose/lighting of the reference photo
 
 
-def cases(domain: str, n_identities: int, per_identity: int = 1, seed: int = 0) -> list[Case]:
-    """Fixed held-out cases: each evaluation identity in `per_identity` random scenes (styles included)."""
+CASE_SETS = ("scenes", "hard")
+STYLED = tuple(s for s in world.SCENE_FIELDS["style"] if s != "none")
+
+
+def cases(domain: str, n_identities: int, per_identity: int = 1, seed: int = 0, case_set: str = "scenes") -> list[Case]:
+    """Fixed held-out cases: each evaluation identity in `per_identity` random scenes (styles included).
+
+    case_set "hard": the same identities, backgrounds, positions and seeds, but every subject small and drawn in
+    one of the six styles in turn (outline, grayscale, inverted, pixelated, hat, upside down): fewer pixels carry
+    the identity and every prompt asks to change how the subject looks, so neither metric saturates."""
+    if case_set not in CASE_SETS:
+        raise ValueError(f"unknown case set {case_set!r}; choose one of {CASE_SETS}")
     rng = np.random.default_rng([seed, world.DOMAINS.index(domain)])
     out = []
     for identity in world.eval_identities(domain, n_identities):
         for _ in range(per_identity):
             scene = world.sample_scene(rng)
+            if case_set == "hard":
+                scene = replace(scene, size="small", style=STYLED[len(out) % len(STYLED)])
             variant, noise, ref = (int(x) for x in rng.integers(2**31, size=3))
             out.append(Case(identity, scene, world.caption(domain, scene, variant=variant), noise, ref))
     return out
@@ -79,6 +91,8 @@ class Generator:
     def __init__(self, vision: str = "trained", steps: int = STEPS, cfg: float = CFG, base_dir: str | Path | None = None):
         self.models = load_world(base_dir, vision=VISION_FILES[vision])
         self.codes = load_identity_codes(Path(base_dir or WEIGHTS_DIR) / BASE_FILE)
+        # the harder world (miniworld.identity_codes, part codes): its UNet reads a code per part, per query
+        self.part_codes = (self.models.info.get("unet") or {}).get("identity_codes") == "parts"
         self.size, self.steps, self.cfg = IMAGE_SIZE, steps, cfg
         self.apply, self.subject, self.prompt = (pack_module(f"nodes.{m}") for m in ("apply", "subject", "prompt"))
         self.patched = self.apply.apply_nested_attention(self.models.patcher)
@@ -97,11 +111,16 @@ class Generator:
         else:
             self.patched = pack_module("baselines.patch").apply_mechanism(self.models.patcher, mechanism, **options)
 
-    def told_identity(self, caption: str, identity: world.Identity):
+    def told_identity(self, caption: str, identity: world.Identity, scene: world.Scene | None = None, seed: int = 0,
+                      whole: bool = False):
         """The oracle: the base model whose subject-word value carries the identity's code (keys untouched),
-        as in the UNet's pretraining; only the conditional half of the batch."""
+        as in the UNet's pretraining; only the conditional half of the batch. In the harder world each query gets
+        its part's code, placed by the parts of `render(identity, scene, seed=seed)`: the oracle is also told
+        where the parts are; whole: the whole identity's code at every query even there (one vector, as global V)."""
         clip, word = self.models.clip, world.SUBJECT_WORD[identity.domain]
         positions = self.prompt.PromptTokens.from_tokens(clip.tokenize(caption), clip.tokenizer).positions(word)
+        if self.part_codes and not whole:
+            return self._told_parts(positions, identity, scene or world.Scene(), seed)
         coded: dict[int, torch.Tensor] = {}  # position -> its row with the code: the context is the same at every call
 
         def patch(n, context, value, extra_options):
@@ -120,16 +139,43 @@ class Generator:
         model.set_model_attn2_patch(patch)
         return model
 
+    def _told_parts(self, positions: list[int], identity: world.Identity, scene: world.Scene, seed: int):
+        from .identity_codes import CodedRow, PartCodeInjection
+
+        labels = world.render_parts(identity, scene, size=self.size, seed=seed)
+        n_parts = len(world.PARTS[identity.domain])
+        shares = {side: torch.from_numpy(world.part_fractions(labels, identity.domain, side).reshape(n_parts, -1))
+                  for side in (self.size // 8, self.size // 16, self.size // 32)}
+        codes = self.codes.part_codes(identity.domain, torch.tensor([identity.attrs]))[0].detach()
+        current = {}  # the layer's injection, made by its attn2 patch (which sees the unprojected rows) for its replace
+
+        def patch(n, context, value, extra_options):
+            halves = extra_options.get("cond_or_uncond", [0])
+            size = context.shape[0] // len(halves)
+            rows = {i * size + j: CodedRow(p, context[i * size + j, p], codes, shares)
+                    for i, half in enumerate(halves) if half == 0 for j in range(size) for p in positions}
+            current["injection"] = PartCodeInjection(rows, n_parts)
+            return current["injection"].attn2_patch(n, context, value, extra_options)
+
+        model = self.models.patcher.clone()
+        model.set_model_attn2_patch(patch)
+        for block, number, index in pack_module("nested_core").attn2_layers(model.model.diffusion_model):
+            model.set_model_attn2_replace(lambda q, k, v, extra: current["injection"].attn2_replace(q, k, v, extra), block, number, index)
+        return model
+
     @torch.no_grad()
-    def image(self, caption: str, seed: int, subjects: list[tuple] = (), told: world.Identity | None = None) -> torch.Tensor:
+    def image(self, caption: str, seed: int, subjects: list[tuple] = (), told: world.Identity | None = None,
+              scene: world.Scene | None = None, whole: bool = False) -> torch.Tensor:
         """[H, W, 3] in 0..1. subjects: (SUBJECT, word, λ) bound to the caption; none: the base model;
-        told: an identity given to the base model through its identity code (the oracle)."""
+        told: an identity given to the base model through its identity code (the oracle; in the harder world
+        placed as in the render of `scene`)."""
         import comfy.sample
 
         positive = self.prompt.encode_prompt(self.models.clip, caption)
         for subject, word, lam in subjects:
             positive = self.prompt.bind_subject(positive, subject.with_lambda(lam), word, 0)
-        model = self.patched if subjects else self.told_identity(caption, told) if told is not None else self.models.patcher
+        model = (self.patched if subjects else self.told_identity(caption, told, scene, seed, whole) if told is not None
+                 else self.models.patcher)
         latent = torch.zeros(1, 4, self.size // 8, self.size // 8)
         noise = comfy.sample.prepare_noise(latent, seed)
         samples = comfy.sample.sample(model, noise, self.steps, self.cfg, SAMPLER, SCHEDULER, positive, self.negative, latent,
@@ -140,12 +186,13 @@ class Generator:
 def evaluate(domain: str, weights_path: str | Path | None = None, *, n_identities: int = 16, per_identity: int = 1,
              lambdas=(1.0, 2.0, 3.0), other_lambdas=(1.0,), steps: int = STEPS, vision: str | None = None,
              base_dir: str | Path | None = None, keep_images: bool = False, mechanism: str | None = None,
-             scales=(1.0,), photos: int = 1, mixing: bool = False) -> dict:
+             scales=(1.0,), photos: int = 1, mixing: bool = False, case_set: str = "scenes") -> dict:
     """Per-case scores of every condition: identity similarity (cosine to the reference's embedding; `_other`: to
     the other identity's), identity attributes read back, prompt accuracy; plus the images when keep_images.
     `mechanism` (default: the file's) sweeps its knob: `lambdas` (λ), or `scales` for decoupled CA; `other_lambdas`
     are that knob's values for the other reference. photos > 1: also the own subject from that many reference
-    photos (scored against the first); mixing: also the own and the other identity's tokens concatenated."""
+    photos (scored against the first); mixing: also the own and the other identity's tokens concatenated.
+    case_set: `cases`' "scenes" (random scenes) or "hard" (small, styled subjects)."""
     from .metrics import WorldMetrics
 
     core = pack_module("nested_core")
@@ -155,7 +202,7 @@ def evaluate(domain: str, weights_path: str | Path | None = None, *, n_identitie
     gen = Generator(vision=vision or vision_of(weights), steps=steps, base_dir=base_dir)
     metrics = WorldMetrics.load()
     word = world.SUBJECT_WORD[domain]
-    todo = cases(domain, n_identities, per_identity)
+    todo = cases(domain, n_identities, per_identity, case_set=case_set)
     references = torch.stack([reference_photo(c.identity, c.reference_seed) for c in todo])
     others = references.roll(per_identity, dims=0)  # the next identity's photo: a different held-out person/dog
     sweep = knob_settings(mechanism, scales if mechanism == "decoupled" else lambdas)
@@ -170,7 +217,9 @@ def evaluate(domain: str, weights_path: str | Path | None = None, *, n_identitie
     for i, case in enumerate(todo):
         images["base"].append(gen.image(case.caption, case.seed))
         if gen.codes is not None:
-            images.setdefault("oracle", []).append(gen.image(case.caption, case.seed, told=case.identity))
+            images.setdefault("oracle", []).append(gen.image(case.caption, case.seed, told=case.identity, scene=case.scene))
+            if gen.part_codes:  # what one vector for every query can tell this UNet (global V's form)
+                images.setdefault("oracle, one vector", []).append(gen.image(case.caption, case.seed, told=case.identity, whole=True))
         own = gen.encode_subject(weights, references[i : i + 1])
         for setting in sweep:
             images.setdefault(f"{mechanism} {setting[0]}", []).append(sample(case, own, setting))
@@ -200,7 +249,7 @@ def evaluate(domain: str, weights_path: str | Path | None = None, *, n_identitie
             "prompt_accuracy": metrics.prompt_accuracy(batch, scenes).tolist(),
             "prompt_fields": {k: v.tolist() for k, v in metrics.prompt_field_accuracy(batch, scenes).items()},
         }
-    result = {"domain": domain, "weights": str(path), "mechanism": mechanism, "cases": len(todo), "steps": steps,
+    result = {"domain": domain, "weights": str(path), "mechanism": mechanism, "case_set": case_set, "cases": len(todo), "steps": steps,
               "cfg": gen.cfg, "seconds": seconds, "scores": scores,
               "captions": [c.caption for c in todo]}
     if keep_images:
@@ -314,7 +363,7 @@ def bootstrap_ci(values, n: int = 2000, seed: int = 0) -> tuple[float, float, fl
 
 
 def summary(result: dict) -> str:
-    lines = [f"{result['domain']}: {result['cases']} held-out cases, {result['steps']} steps, {result['seconds']:.0f} s of sampling",
+    lines = [f"{result['domain']}: {result['cases']} held-out cases ({result.get('case_set', 'scenes')}), {result['steps']} steps, {result['seconds']:.0f} s of sampling",
              f"{'condition':<18} {'identity sim.':>22} {'id. attributes':>22} {'prompt acc.':>22}"]
     for condition, s in result["scores"].items():
         cells = [bootstrap_ci(s[k]) for k in ("identity_similarity", "identity_attributes", "prompt_accuracy")]
@@ -328,6 +377,7 @@ def main(argv=None) -> None:
     p.add_argument("--weights", help="nested-attention weights (default: the shipped ones for the domain)")
     p.add_argument("--identities", type=int, default=16)
     p.add_argument("--per-identity", type=int, default=1)
+    p.add_argument("--cases", choices=CASE_SETS, default="scenes", help="random scenes, or hard ones: small subjects, every one styled")
     p.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 2.0, 3.0])
     p.add_argument("--other-lambdas", type=float, nargs="+", default=[1.0], help="λ (decoupled: scale) of the other-identity condition")
     p.add_argument("--mechanism", choices=("nested", "decoupled", "global_v", "multiple_tokens"),
@@ -343,7 +393,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     result = evaluate(args.domain, args.weights, n_identities=args.identities, per_identity=args.per_identity,
                       lambdas=args.lambdas, other_lambdas=args.other_lambdas, steps=args.steps, vision=args.vision,
-                      base_dir=args.base_dir, mechanism=args.mechanism, scales=args.scales, photos=args.photos, mixing=args.mixing)
+                      base_dir=args.base_dir, mechanism=args.mechanism, scales=args.scales, photos=args.photos, mixing=args.mixing, case_set=args.cases)
     print(summary(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

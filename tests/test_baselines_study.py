@@ -83,6 +83,45 @@ def test_study_arguments_are_checked(tmp_path):
     assert [r.name for r in args.runs] == ["person_nested_alpha_none"] and args.layout.page == tmp_path / "study.md"
 
 
+def test_the_harder_world_has_its_own_files_and_its_runs_train_in_it(tmp_path, capsys):
+    from training.args import parse_args
+
+    with pytest.raises(SystemExit):
+        study.parse_args(["world"])  # the shipped world is not remade
+    assert "--world parts" in capsys.readouterr().err
+    args = study.parse_args(["train", "--world", "parts"])
+    shipped = study.parse_args(["train"]).layout
+    assert args.layout.world == "parts" and shipped.world == "shipped" and shipped.world_dir is None
+    assert {args.layout.work, args.layout.results, args.layout.page}.isdisjoint({shipped.work, shipped.results, shipped.page})
+    world_dir = tmp_path / "parts_world"
+    layout = Layout(tmp_path / "work", tmp_path / "results", tmp_path / "figures", tmp_path / "study.md", world_dir)
+    layout.data("person").mkdir(parents=True)
+    (layout.data("person") / "manifest.jsonl").write_text("")
+    command = study_plan.train_command(Run("person", "global_v"), layout, steps=600)
+    with pytest.raises(SystemExit):  # no harder world made yet
+        parse_args(command[3:])
+    assert "python -m baselines.study world" in capsys.readouterr().err
+    world_dir.mkdir()
+    (world_dir / "base.safetensors").write_bytes(b"")
+    parsed = parse_args(command[3:])
+    assert parsed.world_dir == str(world_dir) and parsed.mechanism == "global_v"
+    make = study_plan.world_command(layout, 30)
+    assert make[1:4] == ["-m", "miniworld.train_base", "unet"] and "--parts" in make and "--from-shipped" in make
+    assert make[make.index("--weights-dir") + 1] == str(world_dir) and "miniworld/weights" not in " ".join(make)
+    with pytest.raises(SystemExit):
+        parse_args(["--tiny", "--world-dir", str(world_dir), "--output-dir", str(tmp_path / "o")])
+
+
+def test_making_the_harder_world_never_replaces_a_trained_one(tmp_path):
+    args = study.parse_args(["world", "--world", "parts", "--out", str(tmp_path)])
+    args.layout = Layout(*(getattr(args.layout, f) for f in ("work", "results", "figures", "page")), tmp_path / "parts_world")
+    (tmp_path / "parts_world").mkdir()
+    (tmp_path / "parts_world" / "base.safetensors").write_bytes(b"trained")
+    with pytest.raises(SystemExit, match="--overwrite-world"):
+        study.make_world(args)
+    assert (tmp_path / "parts_world" / "base.safetensors").read_bytes() == b"trained"
+
+
 # --- timing and estimate ----------------------------------------------------------------------------------------
 def test_timed_separates_start_up_from_steps_and_fails_with_the_command(tmp_path):
     metrics = tmp_path / "metrics.jsonl"

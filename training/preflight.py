@@ -98,7 +98,8 @@ def models_identity(args: argparse.Namespace) -> str:
     if args.world:
         from miniworld.models import BASE_FILE, VISION_FILES, WEIGHTS_DIR
 
-        files = (WEIGHTS_DIR / BASE_FILE, WEIGHTS_DIR / VISION_FILES[args.world_vision])
+        folder = Path(getattr(args, "world_dir", None) or WEIGHTS_DIR)  # the hashes tell a harder world from the shipped one
+        files = (folder / BASE_FILE, folder / VISION_FILES[args.world_vision])
         return "miniworld " + " ".join(f"{p.name}:{file_sha256(p)[:16]}" for p in files)
     # a real checkpoint is gigabytes: its name and size identify it well enough to catch a wrong file
     return " ".join(f"{Path(p).name}:{Path(p).stat().st_size}" for p in (args.checkpoint, args.clip_vision))
