@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from miniworld.evaluate import bootstrap_ci
 
-from .study_plan import BATCH, MECHANISMS, ROOT, PHOTOS, Layout, describe, estimate, hours, measured_rates, plan, read_times
+from .study_plan import BATCH, MECHANISMS, ROOT, default_layout, PHOTOS, Layout, describe, estimate, hours, measured_rates, plan, read_times
 
 LABELS = {"nested": "nested attention", "decoupled": "decoupled CA", "global_v": "global V", "multiple_tokens": "multiple tokens"}
 METRICS = ("identity_similarity", "prompt_accuracy")
@@ -65,11 +65,11 @@ def plane(ax, curves: dict[str, tuple[dict, str]], references: dict | None = Non
         for (name, value), xi, yi in zip(conditions, x[:, 0], y[:, 0]):
             if name == conditions[0][0] or name == conditions[-1][0]:
                 ax.annotate(f"{value:g}", (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    for name, marker in (("base", "X"), ("oracle", "*")):
+    for name, marker, colour in (("base", "X", "black"), ("oracle", "*", "tab:olive"), ("oracle, one vector", "P", "tab:gray")):
         if references and name in references["scores"]:
             x, y = (ci(references, name, m) for m in METRICS)
             ax.errorbar([x[0]], [y[0]], xerr=[[x[0] - x[1]], [x[2] - x[0]]], yerr=[[y[0] - y[1]], [y[2] - y[0]]],
-                        marker=marker, markersize=9, color="black" if name == "base" else "tab:olive", linestyle="none", label=name)
+                        marker=marker, markersize=9, color=colour, linestyle="none", label=name)
     ax.set_xlabel("identity similarity to the reference")
     ax.set_ylabel("prompt accuracy")
     ax.grid(alpha=0.3)
@@ -165,8 +165,9 @@ def grids(results: dict, layout: Layout) -> list[Path]:
 
 
 def _save(image: Image.Image, path: Path) -> Path:
+    """A grid as a 256-colour PNG: a quarter of the bytes, no visible change on these flat renders (kept in git)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
     return path
 
 
@@ -207,6 +208,25 @@ def paired_table(runs: dict[str, dict]) -> str:
             rows.append([LABELS[m], f"{theirs.split(' ', 1)[1]} vs nested {ours.split(' ', 1)[1]}",
                          *(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" for mean, lo, hi in map(bootstrap_ci, diffs))])
     return table(["other mechanism", "knob", "identity: nested minus other", "prompt: nested minus other"], rows)
+
+
+def outcome(runs: dict[str, dict], domain: str) -> list[str]:
+    """One line per other mechanism at the default knob (λ 1; decoupled: scale 1): the paired difference in identity
+    and prompt, and whether its interval leaves 0 (the methods separated on these cases) or not."""
+    if "nested" not in runs:
+        return []
+    lines = []
+    for m, r in runs.items():
+        theirs = f"{m} scale=1" if m == "decoupled" else f"{m} λ=1"
+        if m == "nested" or theirs not in r["scores"] or "nested λ=1" not in runs["nested"]["scores"]:
+            continue
+        cells = []
+        for k, name in (("identity_similarity", "identity"), ("prompt_accuracy", "prompt")):
+            mean, lo, hi = bootstrap_ci(np.subtract(runs["nested"]["scores"]["nested λ=1"][k], r["scores"][theirs][k]))
+            verdict = "nested higher" if lo > 0 else "nested lower" if hi < 0 else "not separated"
+            cells.append(f"{name} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] ({verdict})")
+        lines.append(f"- {domain}, nested attention minus {LABELS[m]}: " + "; ".join(cells))
+    return lines
 
 
 def ablation_table(results: dict, kind: str, key: str) -> str:
@@ -264,8 +284,10 @@ def two_domains_table(results: dict) -> str:
 
 def times_table(times: dict) -> str:
     rows = []
-    for key, t in sorted(times.items(), key=lambda kv: ({"data": 0, "train": 1}.get(kv[0].split(' ')[0], 2), kv[0])):
-        if key.startswith("train "):
+    for key, t in sorted(times.items(), key=lambda kv: ({"world": -1, "data": 0, "train": 1}.get(kv[0].split(' ')[0], 2), kv[0])):
+        if key.startswith("world "):
+            rows.append([key, f"{t['wall_s'] / 60:.1f} min", f"the UNet's part-code stage ({t['minutes']:g} min budget, 2 threads)", ""])
+        elif key.startswith("train "):
             rows.append([key, f"{t['wall_s'] / 60:.1f} min", f"{t.get('steps')} steps at batch {t['batch']}",
                          f"{t['step_s']:.2f} s/step" if t.get("step_s") else ""])
         elif key.startswith("data "):
@@ -312,6 +334,17 @@ every position, the best single vector we know (both only for reference: they ar
 infer from a photo)."""
 
 
+def layout_flags(layout: Layout) -> str:
+    """The command-line flags that give this layout: --world, and each folder that is not the world's default."""
+    default = default_layout(layout.world)
+    flags = "" if layout.world == "shipped" else " --world parts"
+    for name in ("work", "results", "figures", "page"):
+        path = getattr(layout, name).resolve()
+        if path != getattr(default, name).resolve():
+            flags += f" --{name} {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
+    return flags
+
+
 def page(results: dict, layout: Layout, settings: dict, written: list[Path]) -> str:
     from miniworld.evaluate import TWO_DOMAINS_CAPTION
 
@@ -331,11 +364,19 @@ def page(results: dict, layout: Layout, settings: dict, written: list[Path]) -> 
     elif steps < full_steps or identities < 16:
         out += [f"**Reduced budget**: {steps} of the shipped {full_steps} training steps, the same for every method; {identities} "
                 f"held-out identities, {settings.get('sampling_steps')} sampling steps. A first measurement: read the intervals.", ""]
+    summary = [line for d in ("person", "pet") for line in outcome(main_runs(results, d), d)]
+    if summary:
+        out += ["## Outcome at the default knob (λ 1, decoupled scale 1), paired over the same cases", "", *summary, ""]
+    other = default_layout("parts" if layout.world == "shipped" else "shipped").page
+    if other.is_file() and layout.page.resolve() != other.resolve():
+        name = "the harder world" if layout.world == "shipped" else "the shipped world"
+        out += [f"The same study in {name}: [{other.name}]({rel(other)}).", ""]
     out += ["## Regenerate", "", REGENERATE.format(
-        total=f"about {hours(full['']['total'])} here, person only", world="" if layout.world == "shipped" else " --world parts",
+        total=f"about {hours(full['']['total'])} here, person only", world=layout_flags(layout),
         work=layout.work.resolve().relative_to(ROOT) if layout.work.resolve().is_relative_to(ROOT) else layout.work,
         make="" if layout.world == "shipped" else "python -m baselines.study world --world parts   # the harder world's UNet (30 min)\n"), "",
             "Settings of this page: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".", "",
+            "Runs on this page (`--only` takes these names): " + ", ".join(sorted(results)) + ".", "",
             NOTES.format(photos=PHOTOS, caption=TWO_DOMAINS_CAPTION), ""]
     sections = [("Identity vs prompt accuracy (paper Fig. 10)", "study_tradeoff.png", None)]
     for domain in ("person", "pet"):
