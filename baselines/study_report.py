@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from miniworld.evaluate import bootstrap_ci
 
-from .study_plan import BATCH, MECHANISMS, ROOT, default_layout, PHOTOS, Layout, describe, estimate, hours, measured_rates, plan, read_times
+from .study_plan import BATCH, MECHANISMS, PHOTOS, ROOT, Layout, default_layout, describe, estimate, hours, measured_rates, plan, read_times
 
 LABELS = {"nested": "nested attention", "decoupled": "decoupled CA", "global_v": "global V", "multiple_tokens": "multiple tokens"}
 METRICS = ("identity_similarity", "prompt_accuracy")
@@ -367,10 +367,9 @@ def page(results: dict, layout: Layout, settings: dict, written: list[Path]) -> 
     summary = [line for d in ("person", "pet") for line in outcome(main_runs(results, d), d)]
     if summary:
         out += ["## Outcome at the default knob (λ 1, decoupled scale 1), paired over the same cases", "", *summary, ""]
-    other = default_layout("parts" if layout.world == "shipped" else "shipped").page
-    if other.is_file() and layout.page.resolve() != other.resolve():
-        name = "the harder world" if layout.world == "shipped" else "the shipped world"
-        out += [f"The same study in {name}: [{other.name}]({rel(other)}).", ""]
+    others = sorted(p for p in layout.page.parent.glob("study*.md") if p.resolve() != layout.page.resolve())
+    if others:  # the shipped world's page, the harder world's, and any other budget of them
+        out += ["Other pages of this study: " + ", ".join(f"[{p.name}]({p.name})" for p in others) + ".", ""]
     out += ["## Regenerate", "", REGENERATE.format(
         total=f"about {hours(full['']['total'])} here, person only", world=layout_flags(layout),
         work=layout.work.resolve().relative_to(ROOT) if layout.work.resolve().is_relative_to(ROOT) else layout.work,
