@@ -330,8 +330,8 @@ hair or face; a dog's head, body or tail: the attributes visible there), and pos
 word. A value per query (nested attention) can give that; one vector for all positions (global V) cannot. Everything
 else (triplets, recipe, metrics, held-out cases) is the shipped world's. "oracle": the UNet told each part's code
 where the part is drawn in the world's own render of the case; "oracle, one vector": the whole identity's code at
-every position, the best single vector we know (both only for reference: they are told what nested attention has to
-infer from a photo)."""
+every position (a single vector for reference, not the best one: trained global V finds better ones). Both are only
+references: they are told what the mechanisms have to infer from a photo."""
 
 
 def layout_flags(layout: Layout) -> str:
