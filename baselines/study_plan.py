@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +114,7 @@ class Layout:
 # per query (miniworld.identity_codes, part codes; made by `python -m baselines.study world --world parts`).
 WORLDS = ("shipped", "parts")
 PARTS_WORLD = ROOT / "runs" / "parts_world"
-PARTS_MINUTES = 30  # the part-code stage, continued from the shipped UNet, on 2 threads
+PARTS_MINUTES = retrain.IDENTITY_MINUTES  # the part-code stage: as long as the shipped identity stage
 
 
 def default_layout(world: str = "shipped") -> Layout:
@@ -129,8 +128,7 @@ def default_layout(world: str = "shipped") -> Layout:
 
 def world_command(layout: Layout, minutes: float = PARTS_MINUTES) -> list[str]:
     """The harder world's UNet: the shipped one trained on (minutes) with part codes, written to layout.world_dir."""
-    return [sys.executable, "-m", "miniworld.train_base", "unet", "--from-shipped", "--parts", "--minutes", f"{minutes:g}",
-            "--threads", "2", "--weights-dir", str(layout.world_dir)]
+    return retrain.identity_stage_command(minutes, parts=True, weights_dir=layout.world_dir)
 
 
 def data_command(domain: str, layout: Layout, rows: int) -> list[str]:

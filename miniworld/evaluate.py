@@ -147,14 +147,19 @@ class Generator:
         shares = {side: torch.from_numpy(world.part_fractions(labels, identity.domain, side).reshape(n_parts, -1))
                   for side in (self.size // 8, self.size // 16, self.size // 32)}
         codes = self.codes.part_codes(identity.domain, torch.tensor([identity.attrs]))[0].detach()
-        current = {}  # the layer's injection, made by its attn2 patch (which sees the unprojected rows) for its replace
+        # one injection per batch layout for the whole run (the caption's context is the same at every call); the
+        # attn2 patch, which sees the unprojected rows, picks it, and the layer's replace that follows uses it
+        injections: dict[tuple, PartCodeInjection] = {}
+        current = {}
 
         def patch(n, context, value, extra_options):
-            halves = extra_options.get("cond_or_uncond", [0])
+            halves = tuple(extra_options.get("cond_or_uncond", [0]))
             size = context.shape[0] // len(halves)
-            rows = {i * size + j: CodedRow(p, context[i * size + j, p], codes, shares)
-                    for i, half in enumerate(halves) if half == 0 for j in range(size) for p in positions}
-            current["injection"] = PartCodeInjection(rows, n_parts)
+            if (halves, size) not in injections:
+                rows = {i * size + j: CodedRow(p, context[i * size + j, p], codes, shares)
+                        for i, half in enumerate(halves) if half == 0 for j in range(size) for p in positions}
+                injections[halves, size] = PartCodeInjection(rows, n_parts)
+            current["injection"] = injections[halves, size]
             return current["injection"].attn2_patch(n, context, value, extra_options)
 
         model = self.models.patcher.clone()

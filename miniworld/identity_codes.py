@@ -88,10 +88,23 @@ class PartCodeInjection:
         out_q = Σ_t P[q,t] V[t] + P[q,s] · (r_q · (V[s] + Σ_p f_p(q) · to_v(code_p)) − V[s]),
         r_q = |row| / |row + Σ_p f_p(q) · code_p|        (to_v is linear without bias)
 
-    `rows`: batch row -> CodedRow, the rows of the batch the layer sees (the others are plain attention)."""
+    `rows`: batch row -> CodedRow, the rows of the batch the layer sees (the others are plain attention). One
+    injection serves every layer of a model call (a training step, or a whole sampling run): the per-query mixes
+    in the context space are computed once per row and grid, not per layer."""
 
     def __init__(self, rows: dict[int, CodedRow], n_parts: int):
         self.rows, self.n_parts = rows, n_parts
+        self._mixes: dict[tuple, tuple[Tensor, Tensor]] = {}  # (row, side, dtype, device) -> (f [P, N], ratio [N, 1])
+
+    def _mix(self, b: int, side: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The part shares of row b on a side x side grid and each query's rescale r_q."""
+        key = (b, side, like.dtype, like.device)
+        if key not in self._mixes:
+            coded = self.rows[b]
+            f, row = coded.fractions[side].to(like), coded.row.to(like)
+            mixed = row + f.T @ coded.codes.to(like)  # [N, width]: the coded row before rescaling
+            self._mixes[key] = f, row.norm() / mixed.norm(dim=-1, keepdim=True)
+        return self._mixes[key]
 
     def attn2_patch(self, n, context, value, extra_options):
         extra = context.new_zeros(context.shape[0], self.n_parts, context.shape[2])
@@ -107,9 +120,7 @@ class PartCodeInjection:
         out = probs @ vh
         side = int(round(q.shape[1] ** 0.5))
         for b, coded in self.rows.items():
-            s, f = coded.position, coded.fractions[side].to(q)  # [P, N]
-            mixed = coded.row.to(q) + f.T @ coded.codes.to(q)  # [N, width]: the coded row before rescaling
-            ratio = coded.row.to(q).norm() / mixed.norm(dim=-1, keepdim=True)  # [N, 1]
+            s, (f, ratio) = coded.position, self._mix(b, side, q)
             value = ratio * (v[b, s] + f.T @ v[b, tokens : tokens + len(f)])  # [N, inner] = to_v(rescaled coded row) per query
             value = rearrange(value, "n (h d) -> h n d", h=heads)
             out[b] = out[b] + probs[b, :, :, s, None] * (value - vh[b, :, s, None])

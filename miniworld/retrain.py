@@ -42,6 +42,13 @@ def train_command(domain: str, data: Path, run: Path, export: Path, steps: int =
             "--alpha", "1", *options]
 
 
+def identity_stage_command(minutes: float = IDENTITY_MINUTES, *, parts: bool = False, weights_dir: Path | None = None) -> list[str]:
+    """The UNet's identity-code stage, continued from the UNet in weights_dir (default: the shipped one, in place);
+    parts: the harder world's part codes (baselines.study world)."""
+    return [sys.executable, "-m", "miniworld.train_base", "unet", "--from-shipped", *(["--parts"] if parts else []),
+            "--minutes", f"{minutes:g}", "--threads", "2", *(["--weights-dir", str(weights_dir)] if weights_dir else [])]
+
+
 def nested_commands(domain: str, work: Path, steps: int = STEPS) -> list[list[str]]:
     data, run = work / f"data_{domain}", work / f"nested_{domain}"
     return [triplets_command(domain, data),
@@ -69,7 +76,7 @@ def main(argv=None) -> None:
         times["vae"] = run([base + ["vae"]])
         # the shipped UNet's two stages: scenes from captions, then the subject word carrying the identity
         times["unet (scenes)"] = run([base + ["unet", "--identity-rows", "0"]])
-        times["unet (identity codes)"] = run([base + ["unet", "--from-shipped", "--minutes", str(IDENTITY_MINUTES), "--threads", "2"]])
+        times["unet (identity codes)"] = run([identity_stage_command()])
         times["vision"] = run([base + ["vision"]])
         times["metrics"] = run([[sys.executable, "-m", "miniworld.train_metrics"]])
     NESTED_DIR.mkdir(parents=True, exist_ok=True)

@@ -118,9 +118,9 @@ def pool_parts(pool: dict, *, n: int, seed: int) -> list[dict[int, torch.Tensor]
             domain = W.DOMAINS[int(d)]
             identity = W.Identity(domain, tuple(int(v) for v in ids[: len(W.ATTRIBUTES[domain])]))
             labels = W.render_parts(identity, scene, size=M.IMAGE_SIZE, seed=i)
-            for side in PART_GRIDS:  # padded to 3 parts (the pet's count) so both domains stack
+            for side in PART_GRIDS:  # padded to the most parts of a domain so both domains stack
                 f = W.part_fractions(labels, domain, side).reshape(len(W.PARTS[domain]), -1)
-                out[side].append(np.pad(f, ((0, 3 - len(f)), (0, 0))))
+                out[side].append(np.pad(f, ((0, W.MAX_PARTS - len(f)), (0, 0))))
         np.savez(path, **{f"side{side}": np.stack(v) for side, v in out.items()})
         log(f"part labels of {n} renders ({time.time() - t0:.0f} s)")
     data = np.load(path, allow_pickle=False)
@@ -347,7 +347,7 @@ def train_unet(args) -> None:
                 at = torch.tensor([conds[b][2] for b in rows])
                 values = values.index_put((torch.tensor(rows), at), codes.apply(context[rows, at], domain, identities[[idx[b] for b in rows]]))
         if part_shares is not None:
-            options = PartCodeInjection(part_rows, max(len(p) for p in W.PARTS.values())).install(options, layer_keys)
+            options = PartCodeInjection(part_rows, W.MAX_PARTS).install(options, layer_keys)
         else:
             options["patches"] = {"attn2_patch": [lambda n, context_attn2, value_attn2, extra, values=values: (n, context_attn2, values)]}
         x0 = x0_all[idx]

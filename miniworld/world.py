@@ -62,6 +62,7 @@ PARTS: dict[str, dict[str, tuple[str, ...]]] = {
                "face": ("head", "skin", "eye_colour", "eye_spacing", "marking", "hair_colour")},  # eyebrows, beard
     "pet": {"head": ("ears", "collar", "fur", "fur2"), "body": ("body", "fur", "fur2", "pattern"), "tail": ("tail", "fur")},
 }
+MAX_PARTS = max(len(parts) for parts in PARTS.values())
 HELDOUT_FRACTION = 0.1
 SPLIT_SEED = 20250103
 
@@ -409,19 +410,19 @@ def _rng(seed: int, identity: Identity, *salt: int) -> np.random.Generator:
 
 def render(identity: Identity, scene: Scene, *, size: int = 64, seed: int = 0) -> np.ndarray:
     """uint8 [size, size, 3]: the subject in the scene; `seed` jitters pose, scale and brightness a little."""
-    rng = _rng(seed, identity, 1)
-    background = _background(scene.background, size * SUPERSAMPLE).copy()
-    x = POSITION_X[scene.size][SCENE_FIELDS["position"].index(scene.position)]
-    return _compose(identity, background, scene.style, scene.size, x, rng, size)
+    return _draw_scene(identity, scene, _background(scene.background, size * SUPERSAMPLE).copy(), size, seed)
 
 
 def render_parts(identity: Identity, scene: Scene, *, size: int = 64, seed: int = 0) -> np.ndarray:
     """uint8 [4·size, 4·size]: which part of the subject (PARTS label, 0 = none) each supersampled pixel of
     `render(identity, scene, size=size, seed=seed)` shows."""
-    rng = _rng(seed, identity, 1)
-    canvas = Image.new("RGB", (size * SUPERSAMPLE, size * SUPERSAMPLE), (0, 0, 0))
+    return _draw_scene(identity, scene, Image.new("RGB", (size * SUPERSAMPLE, size * SUPERSAMPLE), (0, 0, 0)), size, seed, labels=True)
+
+
+def _draw_scene(identity: Identity, scene: Scene, canvas: Image.Image, size: int, seed: int, labels: bool = False) -> np.ndarray:
+    """The scene's subject on `canvas` with the random draws of (seed, identity): render and render_parts agree."""
     x = POSITION_X[scene.size][SCENE_FIELDS["position"].index(scene.position)]
-    return _compose(identity, canvas, scene.style, scene.size, x, rng, size, labels=True)
+    return _compose(identity, canvas, scene.style, scene.size, x, _rng(seed, identity, 1), size, labels)
 
 
 def part_fractions(labels: np.ndarray, domain: str, grid: int) -> np.ndarray:
