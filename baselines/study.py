@@ -9,6 +9,8 @@ multiple tokens, trained alike and measured by the world's metrics, in one comma
 
     python -m baselines.study world --world parts   # the harder world's UNet (runs/parts_world/, 30 min)
     python -m baselines.study all --world parts     # the same study in it (runs/study_parts/, docs/study_parts.md)
+    python -m baselines.study world --world pairs   # a UNet that also learned a person and a dog in one image (runs/pairs_world/)
+    python -m baselines.study all --world pairs --pet --two-domains --queries 16 --alphas 1   # two subjects (docs/study_pairs.md)
 
 A dry run exercises everything end to end in minutes (write it away from docs/):
     python -m baselines.study all --steps 20 --rows 64 --identities 2 --sampling-steps 4 --out /tmp/study
@@ -25,7 +27,7 @@ from pathlib import Path
 from miniworld import retrain
 
 from .study_plan import (
-    ALPHAS, BATCH, IDENTITIES, LAMBDAS, PARTS_MINUTES, QUERIES, SAMPLING_STEPS, SCALES, WORLDS, Layout, data_command,
+    ALPHAS, BATCH, IDENTITIES, LAMBDAS, WORLD_MINUTES, QUERIES, SAMPLING_STEPS, SCALES, WORLDS, Layout, data_command,
     default_layout, describe, estimate, measured_rates, plan, read_times, record_time, timed, train_command, world_command,
 )
 
@@ -35,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("command", choices=("world", "all", "train", "evaluate", "report", "estimate"))
     p.add_argument("--world", choices=WORLDS, default="shipped",
-                   help="the shipped world, or the harder one whose UNet reads a code per part per query (`world` makes it)")
+                   help="the shipped world; the harder one whose UNet reads a code per part per query; or one whose UNet also "
+                        "learned a person and a dog in one image (`world` makes the last two)")
     g = p.add_argument_group("which runs")
     g.add_argument("--pet", action="store_true", help="also the four mechanisms on the pet domain")
     g.add_argument("--two-domains", action="store_true", help="a person and a dog in one image per mechanism (needs --pet)")
@@ -57,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--results", type=Path, help="per-case scores and times (JSON) (default: docs/results/study[_parts])")
     g.add_argument("--figures", type=Path, help="default: docs/figures[/study_parts]")
     g.add_argument("--page", type=Path, help="default: docs/study[_parts].md")
-    g.add_argument("--world-minutes", type=float, default=PARTS_MINUTES, help="world: the part-code stage's wall time")
-    g.add_argument("--overwrite-world", action="store_true", help="world: replace an existing runs/parts_world/base.safetensors")
+    g.add_argument("--world-minutes", type=float, default=WORLD_MINUTES, help="world: the wall time of its UNet stage")
+    g.add_argument("--overwrite-world", action="store_true", help="world: replace an existing runs/<world>_world/base.safetensors")
     args = p.parse_args(argv)
     if args.two_domains and not args.pet:
         p.error("--two-domains needs --pet (a pet file per mechanism)")
@@ -69,12 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.alphas = [None if a.lower() == "none" else float(a) for a in args.alphas]
     except ValueError:
         p.error(f"--alphas: numbers or 'none', got {args.alphas}")
-    if args.command == "world" and args.world != "parts":
-        p.error("`world` makes the harder world: give --world parts (the shipped world ships in miniworld/weights)")
+    if args.command == "world" and args.world == "shipped":
+        p.error("`world` makes another world: give --world parts or --world pairs (the shipped world ships in miniworld/weights)")
     default = default_layout(args.world)
-    args.layout = (Layout(args.out / "work", args.out / "results", args.out / "figures", args.out / "study.md", default.world_dir)
+    args.layout = (Layout(args.out / "work", args.out / "results", args.out / "figures", args.out / "study.md", default.world_dir, args.world)
                    if args.out else Layout(args.work or default.work, args.results or default.results,
-                                           args.figures or default.figures, args.page or default.page, default.world_dir))
+                                           args.figures or default.figures, args.page or default.page, default.world_dir, args.world))
     args.runs = plan(pet=args.pet, queries=args.queries, alphas=args.alphas)
     if args.only:
         unknown = set(args.only) - {r.name for r in args.runs}
@@ -92,20 +95,23 @@ def write_settings(layout: Layout, **settings) -> None:
 
 
 def make_world(args) -> None:
-    """The harder world: the shipped base and ViT files copied to runs/parts_world/, then its UNet trained on with
-    part codes (miniworld.train_base unet --parts); the shipped files are never written."""
+    """Another world: the shipped base and ViT files copied to runs/<world>_world/, then its UNet trained on with part
+    codes (parts) or with two-subject scenes among its rows (pairs); the shipped files are never written."""
     import shutil
 
+    from training.host import setup_comfyui
+
+    setup_comfyui(cpu=True)  # before miniworld.models imports the host
     from miniworld.models import BASE_FILE, VISION_FILES, WEIGHTS_DIR
 
     folder = args.layout.world_dir
     if (folder / BASE_FILE).is_file() and not args.overwrite_world:
-        raise SystemExit(f"{folder / BASE_FILE} exists (a trained harder world); --overwrite-world replaces it")
+        raise SystemExit(f"{folder / BASE_FILE} exists (a trained world); --overwrite-world replaces it")
     folder.mkdir(parents=True, exist_ok=True)
     for name in (BASE_FILE, *VISION_FILES.values()):
         shutil.copyfile(WEIGHTS_DIR / name, folder / name)
     entry = timed(world_command(args.layout, args.world_minutes))
-    record_time(args.layout, "world parts", {**entry, "minutes": args.world_minutes})
+    record_time(args.layout, f"world {args.world}", {**entry, "minutes": args.world_minutes})
 
 
 def train(args) -> None:

@@ -85,10 +85,12 @@ class Layout:
     figures: Path = ROOT / "docs" / "figures"
     page: Path = ROOT / "docs" / "study.md"
     world_dir: Path | None = None
+    world: str = "shipped"  # WORLDS: which world world_dir holds
 
-    @property
-    def world(self) -> str:
-        return "shipped" if self.world_dir is None else "parts"
+    def __post_init__(self):
+        if self.world not in WORLDS or (self.world == "shipped") != (self.world_dir is None):
+            raise ValueError(f"Layout: world {self.world!r} with world_dir {self.world_dir}: the shipped world has no "
+                             f"world_dir, the others ({WORLDS[1:]}) need theirs")
 
     def data(self, domain: str) -> Path:
         return self.work / f"data_{domain}"
@@ -110,25 +112,31 @@ class Layout:
         return self.results / "times.json"
 
 
-# The worlds the study runs in: the shipped one, and a harder one whose UNet reads a code per part of the subject
-# per query (miniworld.identity_codes, part codes; made by `python -m baselines.study world --world parts`).
-WORLDS = ("shipped", "parts")
-PARTS_WORLD = ROOT / "runs" / "parts_world"
-PARTS_MINUTES = retrain.IDENTITY_MINUTES  # the part-code stage: as long as the shipped identity stage
+# The worlds the study runs in: the shipped one; a harder one whose UNet reads a code per part of the subject per query
+# (miniworld.identity_codes, part codes); one whose UNet also learned scenes of a person and a dog together
+# (world.render_pair), for two subjects in one image. `python -m baselines.study world --world parts|pairs` makes them.
+WORLDS = ("shipped", "parts", "pairs")
+WORLD_DIRS = {"parts": ROOT / "runs" / "parts_world", "pairs": ROOT / "runs" / "pairs_world"}
+WORLD_MINUTES = retrain.IDENTITY_MINUTES  # each world's UNet stage: as long as the shipped identity stage
+PAIR_ROWS = 0.5  # the pairs world: the share of its stage's rows that show a person and a dog
 
 
 def default_layout(world: str = "shipped") -> Layout:
     if world == "shipped":
         return Layout()
-    if world != "parts":
+    if world not in WORLD_DIRS:
         raise ValueError(f"unknown world {world!r}; choose one of {WORLDS}")
-    return Layout(ROOT / "runs" / "study_parts", ROOT / "docs" / "results" / "study_parts", ROOT / "docs" / "figures" / "study_parts",
-                  ROOT / "docs" / "study_parts.md", PARTS_WORLD)
+    return Layout(ROOT / "runs" / f"study_{world}", ROOT / "docs" / "results" / f"study_{world}", ROOT / "docs" / "figures" / f"study_{world}",
+                  ROOT / "docs" / f"study_{world}.md", WORLD_DIRS[world], world)
 
 
-def world_command(layout: Layout, minutes: float = PARTS_MINUTES) -> list[str]:
-    """The harder world's UNet: the shipped one trained on (minutes) with part codes, written to layout.world_dir."""
-    return retrain.identity_stage_command(minutes, parts=True, weights_dir=layout.world_dir)
+def world_command(layout: Layout, minutes: float = WORLD_MINUTES) -> list[str]:
+    """The world's UNet: the shipped one trained on (minutes) with part codes (parts) or with two-subject scenes too
+    (pairs), written to layout.world_dir."""
+    if layout.world == "shipped":
+        raise ValueError("the shipped world's UNet ships in miniworld/weights (miniworld.retrain all remakes it)")
+    return retrain.identity_stage_command(minutes, weights_dir=layout.world_dir,
+                                          **({"parts": True} if layout.world == "parts" else {"pairs": PAIR_ROWS}))
 
 
 def data_command(domain: str, layout: Layout, rows: int) -> list[str]:
@@ -193,7 +201,7 @@ def images_per_case(run: Run, *, lambdas=LAMBDAS, scales=SCALES, oracle: bool = 
 
 
 def two_domain_images_per_case(mechanism: str, *, lambdas=LAMBDAS, scales=SCALES) -> int:
-    return 1 + 3 * len(Run("person", mechanism).knob(lambdas, scales))  # no subject; both, person alone, dog alone
+    return 2 + 3 * len(Run("person", mechanism).knob(lambdas, scales))  # no subject, oracle; both, person alone, dog alone
 
 
 def measured_rates(times: dict) -> dict:
@@ -245,5 +253,5 @@ def describe(est: dict) -> str:
             f"an image {est['rates']['image_a_s']:.3f} s + {est['rates']['image_b_s']:.4f} s per sampling step)")
 
 
-__all__ = ["Run", "Layout", "WORLDS", "PARTS_WORLD", "default_layout", "world_command", "plan", "ablation_runs", "train_command", "data_command", "timed", "read_times", "record_time",
+__all__ = ["Run", "Layout", "WORLDS", "WORLD_DIRS", "PAIR_ROWS", "default_layout", "world_command", "plan", "ablation_runs", "train_command", "data_command", "timed", "read_times", "record_time",
            "estimate", "measured_rates", "describe", "hours", "images_per_case", "two_domain_images_per_case"]

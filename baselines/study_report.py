@@ -1,13 +1,12 @@
-"""The study's figures, tables and results page, from the stored per-case scores (docs/results/study/*.json) and
-images (runs/study/images/*.npz); nothing is sampled here.
+"""The study's figures and results page, from the stored per-case scores (docs/results/study/*.json) and images
+(runs/study/images/*.npz); nothing is sampled here. Tables: study_tables.py; two subjects in one image:
+study_two_subjects.py.
 
     docs/figures/study_tradeoff.png     identity similarity vs prompt accuracy, one curve per mechanism (paper Fig. 10)
     docs/figures/study_ablations.png    the same plane for nested attention's queries and α
     docs/figures/study_matched_<d>.png  each mechanism at the knob value that matches the others' identity level
-    docs/figures/study_grid_<run>.png   each mechanism's knob sweep on the first held-out cases
+    docs/figures/study_grid_<run>.png   each mechanism's knob sweep on the first held-out cases (and two_domains_<m>)
     docs/study.md                       the page: how to regenerate, the tables, each run's time here, the estimate
-
-Intervals: 95 % bootstrap over held-out identities (one case per identity), miniworld.evaluate.bootstrap_ci.
 """
 from __future__ import annotations
 
@@ -17,40 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from miniworld.evaluate import bootstrap_ci
-
-from .study_plan import BATCH, MECHANISMS, PHOTOS, ROOT, Layout, default_layout, describe, estimate, hours, measured_rates, plan, read_times
-
-LABELS = {"nested": "nested attention", "decoupled": "decoupled CA", "global_v": "global V", "multiple_tokens": "multiple tokens"}
-METRICS = ("identity_similarity", "prompt_accuracy")
-
-
-def load(layout: Layout) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(layout.results.glob("*.json")) if p.stem not in ("times", "study")}
-
-
-def sweep(result: dict, prefix: str) -> list[tuple[str, float]]:
-    """(condition, knob value) of the conditions '<prefix> λ=v' / '<prefix> scale=v', in the stored order."""
-    out = []
-    for name in result["scores"]:
-        head, _, tail = name.rpartition(" ")
-        if head == prefix and "=" in tail:
-            out.append((name, float(tail.split("=")[1])))
-    return out
-
-
-def ci(result: dict, condition: str, metric: str) -> tuple[float, float, float]:
-    return bootstrap_ci(result["scores"][condition][metric])
-
-
-def cell(c: tuple[float, float, float]) -> str:
-    return f"{c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}]"
-
-
-def main_runs(results: dict, domain: str) -> dict[str, dict]:
-    """mechanism -> result of the domain's mechanism runs (the ablation runs excluded)."""
-    found = {r["run"]["mechanism"]: r for r in results.values() if r.get("run", {}).get("domain") == domain and r["run"]["ablation"] is None}
-    return {m: found[m] for m in MECHANISMS if m in found}
+from . import study_two_subjects as two
+from .study_plan import BATCH, PHOTOS, ROOT, Layout, default_layout, describe, estimate, hours, measured_rates, plan, read_times
+from .study_tables import (LABELS, METRICS, ablation_table, ci, load, main_runs, main_table, mixing_table, outcome, paired_table,
+                           photos_table, sweep, times_table)
 
 
 # ------------------------------------------------------------------------------------------------------- figures
@@ -161,6 +130,9 @@ def grids(results: dict, layout: Layout) -> list[Path]:
         cols = [("reference", first["reference"]), ("base", first["base"])]
         cols += [(f"{LABELS[m]} {c.split(' ', 1)[1]}", pictures[m][c]) for m, c in matched(runs).items()]
         written.append(_save(grid(cols), layout.figures / f"study_matched_{domain}.png"))
+    for m, r in two.pair_results(results).items():
+        if pictures := images_of(layout, r):
+            written.append(_save(grid(two.grid_columns(r, pictures)), layout.figures / f"study_grid_{r['run']['name']}.png"))
     return written
 
 
@@ -169,133 +141,6 @@ def _save(image: Image.Image, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
     return path
-
-
-# -------------------------------------------------------------------------------------------------------- tables
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def main_table(runs: dict[str, dict]) -> str:
-    any_run = next(iter(runs.values()))
-    rows = [[c, "", *(cell(ci(any_run, c, m)) for m in ("identity_similarity", "identity_attributes", "prompt_accuracy"))]
-            for c in ("base", "oracle", "oracle, one vector") if c in any_run["scores"]]
-    for m, r in runs.items():
-        for c, _ in sweep(r, m):
-            rows.append([LABELS[m], c.split(" ", 1)[1], *(cell(ci(r, c, k)) for k in ("identity_similarity", "identity_attributes", "prompt_accuracy"))])
-        if "other reference" in r["scores"]:
-            rows.append([LABELS[m], "another identity's reference", *(cell(ci(r, "other reference", k)) for k in ("identity_similarity", "identity_attributes", "prompt_accuracy"))])
-    return table(["mechanism", "knob", "identity similarity", "identity attributes", "prompt accuracy"], rows)
-
-
-def paired_table(runs: dict[str, dict]) -> str:
-    """Nested attention minus each other mechanism on the same cases (same identities, scenes, seeds), knob by
-    knob where both have it (λ), at scale 1 for decoupled CA: paired differences, far tighter than the
-    unpaired intervals of the table above."""
-    if "nested" not in runs:
-        return ""
-    nested = dict((v, c) for c, v in sweep(runs["nested"], "nested"))
-    rows = []
-    for m, r in runs.items():
-        if m == "nested":
-            continue
-        pairs = [(c, nested[v if m != "decoupled" else 1.0]) for c, v in sweep(r, m) if m != "decoupled" or v == 1.0]
-        for theirs, ours in pairs:
-            if ours not in runs["nested"]["scores"]:
-                continue
-            diffs = [np.subtract(runs["nested"]["scores"][ours][k], r["scores"][theirs][k]) for k in ("identity_similarity", "prompt_accuracy")]
-            rows.append([LABELS[m], f"{theirs.split(' ', 1)[1]} vs nested {ours.split(' ', 1)[1]}",
-                         *(f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]" for mean, lo, hi in map(bootstrap_ci, diffs))])
-    return table(["other mechanism", "knob", "identity: nested minus other", "prompt: nested minus other"], rows)
-
-
-def outcome(runs: dict[str, dict], domain: str) -> list[str]:
-    """One line per other mechanism at the default knob (λ 1; decoupled: scale 1): the paired difference in identity
-    and prompt, and whether its interval leaves 0 (the methods separated on these cases) or not."""
-    if "nested" not in runs:
-        return []
-    lines = []
-    for m, r in runs.items():
-        theirs = f"{m} scale=1" if m == "decoupled" else f"{m} λ=1"
-        if m == "nested" or theirs not in r["scores"] or "nested λ=1" not in runs["nested"]["scores"]:
-            continue
-        cells = []
-        for k, name in (("identity_similarity", "identity"), ("prompt_accuracy", "prompt")):
-            mean, lo, hi = bootstrap_ci(np.subtract(runs["nested"]["scores"]["nested λ=1"][k], r["scores"][theirs][k]))
-            verdict = "nested higher" if lo > 0 else "nested lower" if hi < 0 else "not separated"
-            cells.append(f"{name} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] ({verdict})")
-        lines.append(f"- {domain}, nested attention minus {LABELS[m]}: " + "; ".join(cells))
-    return lines
-
-
-def ablation_table(results: dict, kind: str, key: str) -> str:
-    runs = [r for r in results.values() if r.get("run", {}).get("domain") == "person" and r["run"]["mechanism"] == "nested" and r["run"]["ablation"] in (None, kind)]
-    runs.sort(key=lambda r: (r["run"][key] is not None, r["run"][key] or 0))
-    if len(runs) < 2:
-        return ""
-    values = [c for c, _ in sweep(runs[0], "nested")]
-    rows = [[("none" if r["run"][key] is None else f"{r['run'][key]:g}")] +
-            [f"{ci(r, c, 'identity_similarity')[0]:.3f} / {ci(r, c, 'prompt_accuracy')[0]:.3f}" for c in values] for r in runs]
-    return table([key, *(c.split(" ", 1)[1] for c in values)], rows)
-
-
-def photos_table(results: dict) -> str:
-    rows = []
-    for domain in ("person", "pet"):
-        for m, r in main_runs(results, domain).items():
-            for c, v in sweep(r, m):
-                more = f"{PHOTOS} photos {c.split(' ', 1)[1]}"
-                if more in r["scores"]:
-                    one, three = ci(r, c, "identity_similarity"), ci(r, more, "identity_similarity")
-                    rows.append([domain, LABELS[m], c.split(" ", 1)[1], cell(one), cell(three), f"{three[0] - one[0]:+.3f}",
-                                 f"{ci(r, c, 'prompt_accuracy')[0]:.3f} / {ci(r, more, 'prompt_accuracy')[0]:.3f}"])
-    return table(["domain", "mechanism", "knob", "1 photo: identity", f"{PHOTOS} photos: identity", "change", "prompt (1 / 3)"], rows) if rows else ""
-
-
-def mixing_table(results: dict) -> str:
-    rows = []
-    for domain in ("person", "pet"):
-        for m, r in main_runs(results, domain).items():
-            for c, v in sweep(r, m):
-                mix = f"mix {c.split(' ', 1)[1]}"
-                if mix in r["scores"]:
-                    sim = lambda cond, key: f"{np.mean(r['scores'][cond][key]):.3f}"  # noqa: E731
-                    rows.append([domain, LABELS[m], c.split(" ", 1)[1], f"{sim(c, 'identity_similarity')} / {sim(c, 'identity_similarity_other')}",
-                                 f"{sim(mix, 'identity_similarity')} / {sim(mix, 'identity_similarity_other')}", sim(mix, "prompt_accuracy")])
-        if main_runs(results, domain):
-            r = next(iter(main_runs(results, domain).values()))
-            for c in ("base", "other reference"):
-                rows.append([domain, c, "", f"{np.mean(r['scores'][c]['identity_similarity']):.3f} / {np.mean(r['scores'][c]['identity_similarity_other']):.3f}", "", ""])
-    return table(["domain", "mechanism", "knob", "own reference only: sim. to A / to B", "A and B mixed: sim. to A / to B", "mixed: prompt"], rows) if rows else ""
-
-
-def two_domains_table(results: dict) -> str:
-    rows = []
-    for name, r in results.items():
-        if name.startswith("two_domains_"):
-            for c, s in r["scores"].items():
-                rows.append([LABELS[r["mechanism"]], c] + [f"{np.mean(s[k]):.3f}" for k in
-                             ("person_similarity", "pet_similarity", "person_domain", "pet_domain", "person_prompt", "pet_prompt")])
-    header = ["mechanism", "condition", "person half: identity", "dog half: identity", "person half read as a person",
-              "dog half read as a dog", "person half: prompt", "dog half: prompt"]
-    return table(header, rows) if rows else ""
-
-
-def times_table(times: dict) -> str:
-    rows = []
-    for key, t in sorted(times.items(), key=lambda kv: ({"world": -1, "data": 0, "train": 1}.get(kv[0].split(' ')[0], 2), kv[0])):
-        if key.startswith("world "):
-            rows.append([key, f"{t['wall_s'] / 60:.1f} min", f"the UNet's part-code stage ({t['minutes']:g} min budget, 2 threads)", ""])
-        elif key.startswith("train "):
-            rows.append([key, f"{t['wall_s'] / 60:.1f} min", f"{t.get('steps')} steps at batch {t['batch']}",
-                         f"{t['step_s']:.2f} s/step" if t.get("step_s") else ""])
-        elif key.startswith("data "):
-            rows.append([key, f"{t['wall_s'] / 60:.1f} min", f"{t['rows']} triplets", ""])
-        elif key.startswith("evaluate "):
-            rows.append([key, f"{t['seconds'] / 60:.1f} min", f"{t['images']} images, {t['sampling_steps']} sampling steps",
-                         f"{t['seconds'] / t['images']:.2f} s/image"])
-    return table(["run", "wall time", "work", "rate"], rows) if rows else ""
 
 
 # ---------------------------------------------------------------------------------------------------------- page
@@ -317,9 +162,11 @@ NOTES = """- Every file is trained by `python -m training.train --world` with `m
 - One vs {photos} photos: the same subject encoded from {photos} reference photos (tokens concatenated, as Encode
   Subject does with a batch), scored against the first photo. Mixing: the own (A) and the other identity's (B)
   tokens concatenated, scored against both.
-- Two domains: the world's captions and images hold one subject; the two-subject caption is composed
-  ("{caption}"); each half is scored with the other half painted its background colour. Run it only where
-  the base model draws two subjects: the "read as a dog" column of the no-subject row says whether it does."""
+- Two domains: a person on the left and a dog on the right ("{caption}"), each from its own domain's file
+  bound to its own word, or each bound alone, on the same caption and seed; each half is scored by the world's
+  metrics with the other half painted its background colour. Only the pairs world's UNet learned such scenes
+  ([study_pairs.md](study_pairs.md)); elsewhere the no-subject row's "read as its subject" columns show whether
+  the base model draws both."""
 
 
 PARTS_WORLD_NOTE = """The shipped world's UNet reads a subject's identity as **one** vector in the subject word's value (the same
@@ -334,10 +181,25 @@ every position (a single vector for reference, not the best one: trained global 
 references: they are told what the mechanisms have to infer from a photo."""
 
 
+PAIRS_WORLD_NOTE = """The shipped world's UNet learned scenes of one subject, so a caption naming a person and a dog gets one of
+them ([study.md](study.md) cannot measure two subjects in one image). This world's UNet (`python -m baselines.study
+world --world pairs`) is the shipped one trained on for 30 min where half the rows show a training person on the
+left and a training dog on the right (`world.render_pair`, caption `world.pair_caption`), both subject words
+carrying their identity's code, and the other half are the shipped world's single-subject rows. Every weights file
+here is trained as everywhere else (single-subject triplets, one domain per file); two subjects meet only at
+sampling. "oracle, both": the base model told both identities, each through its own word (miniworld.identity_codes)."""
+
+WORLD_PAGES = {  # title, what the page opens with
+    "shipped": ("Nested attention vs the paper's baselines, in the miniature world (issue 9)", None),
+    "parts": ("Nested attention vs the paper's baselines, in the harder world (issue 9)", PARTS_WORLD_NOTE),
+    "pairs": ("Two subjects of two domains in one image, and the baselines, in the two-subject world (issue 9)", PAIRS_WORLD_NOTE),
+}
+
+
 def layout_flags(layout: Layout) -> str:
     """The command-line flags that give this layout: --world, and each folder that is not the world's default."""
     default = default_layout(layout.world)
-    flags = "" if layout.world == "shipped" else " --world parts"
+    flags = "" if layout.world == "shipped" else f" --world {layout.world}"
     for name in ("work", "results", "figures", "page"):
         path = getattr(layout, name).resolve()
         if path != getattr(default, name).resolve():
@@ -346,7 +208,7 @@ def layout_flags(layout: Layout) -> str:
 
 
 def page(results: dict, layout: Layout, settings: dict, written: list[Path]) -> str:
-    from miniworld.evaluate import TWO_DOMAINS_CAPTION
+    from miniworld.world import PAIR_CAPTION
 
     times = read_times(layout)
     rates = measured_rates(times)
@@ -354,9 +216,8 @@ def page(results: dict, layout: Layout, settings: dict, written: list[Path]) -> 
     full = {flags: estimate(plan(pet=bool(flags)), rates, steps=settings.get("full_steps", 1200), two_domains=bool(flags), step_s=step_s)
             for flags in ("", "--pet --two-domains")}
     rel = lambda p: Path(p).resolve().relative_to(layout.page.parent.resolve()) if Path(p).resolve().is_relative_to(layout.page.parent.resolve()) else p  # noqa: E731
-    out = ["# Nested attention vs the paper's baselines, in the miniature world (issue 9)", ""]
-    if layout.world == "parts":
-        out = [f"# Nested attention vs the paper's baselines, in the harder world (issue 9)", "", PARTS_WORLD_NOTE, ""]
+    title, note = WORLD_PAGES[layout.world]
+    out = [f"# {title}", "", *([note, ""] if note else [])]
     steps, full_steps, identities = settings.get("steps", 0), settings.get("full_steps", 1200), settings.get("identities", 0)
     if steps < 100 or identities < 4:
         out += [f"**Dry run** ({steps} training steps, {identities} identities, "
@@ -364,7 +225,7 @@ def page(results: dict, layout: Layout, settings: dict, written: list[Path]) -> 
     elif steps < full_steps or identities < 16:
         out += [f"**Reduced budget**: {steps} of the shipped {full_steps} training steps, the same for every method; {identities} "
                 f"held-out identities, {settings.get('sampling_steps')} sampling steps. A first measurement: read the intervals.", ""]
-    summary = [line for d in ("person", "pet") for line in outcome(main_runs(results, d), d)]
+    summary = [line for d in ("person", "pet") for line in outcome(main_runs(results, d), d)] + two.outcome(results)
     if summary:
         out += ["## Outcome at the default knob (λ 1, decoupled scale 1), paired over the same cases", "", *summary, ""]
     others = sorted(p for p in layout.page.parent.glob("study*.md") if p.resolve() != layout.page.resolve())
@@ -373,10 +234,10 @@ def page(results: dict, layout: Layout, settings: dict, written: list[Path]) -> 
     out += ["## Regenerate", "", REGENERATE.format(
         total=f"about {hours(full['']['total'])} here, person only", world=layout_flags(layout),
         work=layout.work.resolve().relative_to(ROOT) if layout.work.resolve().is_relative_to(ROOT) else layout.work,
-        make="" if layout.world == "shipped" else "python -m baselines.study world --world parts   # the harder world's UNet (30 min)\n"), "",
+        make="" if layout.world == "shipped" else f"python -m baselines.study world --world {layout.world}   # the world's UNet (30 min)\n"), "",
             "Settings of this page: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".", "",
-            "Runs on this page (`--only` takes these names): " + ", ".join(sorted(results)) + ".", "",
-            NOTES.format(photos=PHOTOS, caption=TWO_DOMAINS_CAPTION), ""]
+            "Runs on this page (`--only` takes these names): " + ", ".join(sorted(n for n in results if not n.startswith("two_domains_"))) + ".", "",
+            NOTES.format(photos=PHOTOS, caption=PAIR_CAPTION.format(bg="{bg}")), ""]
     sections = [("Identity vs prompt accuracy (paper Fig. 10)", "study_tradeoff.png", None)]
     for domain in ("person", "pet"):
         if main_runs(results, domain):
@@ -388,7 +249,7 @@ def page(results: dict, layout: Layout, settings: dict, written: list[Path]) -> 
                  ("α, the value-norm target (nested attention, person; cells as above)", None, ablation_table(results, "alpha", "alpha")),
                  (f"One vs {PHOTOS} reference photos", None, photos_table(results)),
                  ("Identity mixing (A: the case's identity, B: the next one's)", None, mixing_table(results)),
-                 ("Two subjects of two domains in one image", None, two_domains_table(results) or "Not run (`--two-domains`, needs `--pet`)."),
+                 ("Two subjects of two domains in one image", "study_grid_two_domains_nested.png", two.pair_table(results) or "Not run (`--two-domains`, needs `--pet`)."),
                  ("Times on this machine", None, times_table(times))]
     names = {p.name: p for p in written}
     for title, figure, text in sections:

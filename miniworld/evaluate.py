@@ -111,16 +111,21 @@ class Generator:
         else:
             self.patched = pack_module("baselines.patch").apply_mechanism(self.models.patcher, mechanism, **options)
 
-    def told_identity(self, caption: str, identity: world.Identity, scene: world.Scene | None = None, seed: int = 0,
-                      whole: bool = False):
+    def told_identity(self, caption: str, identity: world.Identity | tuple[world.Identity, ...], scene: world.Scene | None = None,
+                      seed: int = 0, whole: bool = False):
         """The oracle: the base model whose subject-word value carries the identity's code (keys untouched),
-        as in the UNet's pretraining; only the conditional half of the batch. In the harder world each query gets
+        as in the UNet's pretraining; only the conditional half of the batch. A tuple of identities of different
+        domains: each on its own subject word (two subjects in one image). In the harder world each query gets
         its part's code, placed by the parts of `render(identity, scene, seed=seed)`: the oracle is also told
         where the parts are; whole: the whole identity's code at every query even there (one vector, as global V)."""
-        clip, word = self.models.clip, world.SUBJECT_WORD[identity.domain]
-        positions = self.prompt.PromptTokens.from_tokens(clip.tokenize(caption), clip.tokenizer).positions(word)
+        told = identity if isinstance(identity, tuple) else (identity,)
+        clip = self.models.clip
+        tokens = self.prompt.PromptTokens.from_tokens(clip.tokenize(caption), clip.tokenizer)
+        words = [(p, one) for one in told for p in tokens.positions(world.SUBJECT_WORD[one.domain])]  # (position, identity)
         if self.part_codes and not whole:
-            return self._told_parts(positions, identity, scene or world.Scene(), seed)
+            if len(told) != 1:
+                raise ValueError(f"the parts oracle places one subject's parts; got {len(told)} identities (use whole=True)")
+            return self._told_parts([p for p, _ in words], told[0], scene or world.Scene(), seed)
         coded: dict[int, torch.Tensor] = {}  # position -> its row with the code: the context is the same at every call
 
         def patch(n, context, value, extra_options):
@@ -129,9 +134,9 @@ class Generator:
             value = value.clone()
             for i, half in enumerate(halves):
                 if half == 0:  # the positive prompt (1 is the negative)
-                    for p in positions:
+                    for p, one in words:
                         if p not in coded:
-                            coded[p] = self.codes.identity_row(context[i * size, p], identity)
+                            coded[p] = self.codes.identity_row(context[i * size, p], one)
                         value[i * size:(i + 1) * size, p] = coded[p].to(value)
             return n, context, value
 
@@ -169,7 +174,7 @@ class Generator:
         return model
 
     @torch.no_grad()
-    def image(self, caption: str, seed: int, subjects: list[tuple] = (), told: world.Identity | None = None,
+    def image(self, caption: str, seed: int, subjects: list[tuple] = (), told: world.Identity | tuple | None = None,
               scene: world.Scene | None = None, whole: bool = False) -> torch.Tensor:
         """[H, W, 3] in 0..1. subjects: (SUBJECT, word, λ) bound to the caption; none: the base model;
         told: an identity given to the base model through its identity code (the oracle; in the harder world
@@ -276,11 +281,8 @@ def knob_settings(mechanism: str, values) -> list[tuple[str, float, dict]]:
     return [(f"λ={v:g}", float(v), {}) for v in values]
 
 
-# The world's captions name one subject; two are composed from its phrases. The base model never saw such a caption.
-TWO_DOMAINS_CAPTION = "a photo of a small person on the left and a small dog on the right, on a {bg} background"
-TWO_DOMAINS_SIDES = {"person": "left", "pet": "right"}
-
-
+# Two subjects: world.pair_caption's scene. Only the pairs world's UNet (baselines.study --world pairs) saw such
+# captions; the shipped one learned scenes of one subject.
 @dataclass(frozen=True)
 class PairCase:
     identities: dict  # domain -> world.Identity
@@ -290,7 +292,7 @@ class PairCase:
 
     @property
     def caption(self) -> str:
-        return TWO_DOMAINS_CAPTION.format(bg=self.background)
+        return world.pair_caption(self.background)
 
 
 def pair_cases(n_identities: int, seed: int = 0) -> list[PairCase]:
@@ -330,9 +332,11 @@ def evaluate_two_domains(weights_paths: dict, *, n_identities: int = 16, lambdas
     todo = pair_cases(n_identities)
     references = {d: torch.stack([reference_photo(c.identities[d], c.reference_seeds[d]) for c in todo]) for d in world.DOMAINS}
     t0 = time.time()
-    images: dict[str, list[torch.Tensor]] = {"no subject": []}
+    images: dict[str, list[torch.Tensor]] = {"no subject": [], **({"oracle, both": []} if gen.codes is not None else {})}
     for i, case in enumerate(todo):
         images["no subject"].append(gen.image(case.caption, case.seed))
+        if gen.codes is not None:  # the base model told both identities, each on its word (whole codes)
+            images["oracle, both"].append(gen.image(case.caption, case.seed, told=tuple(case.identities.values()), whole=True))
         subjects = {d: gen.encode_subject(weights[d], references[d][i : i + 1]) for d in world.DOMAINS}
         for suffix, lam, options in knob_settings(mechanism, scales if mechanism == "decoupled" else lambdas):
             gen.use_mechanism(mechanism, **options)
@@ -344,7 +348,7 @@ def evaluate_two_domains(weights_paths: dict, *, n_identities: int = 16, lambdas
     scores = {}
     for condition, tiles in images.items():
         batch, scores[condition] = torch.stack(tiles), {}
-        for d, side in TWO_DOMAINS_SIDES.items():
+        for d, side in world.PAIR_SIDES.items():
             crops = one_side(batch, side, backgrounds)
             scenes = [world.Scene(background=b, position=side, size="small") for b in backgrounds]
             read = metrics.logits(crops)["domain"].argmax(-1) == world.DOMAINS.index(d)

@@ -42,10 +42,12 @@ def train_command(domain: str, data: Path, run: Path, export: Path, steps: int =
             "--alpha", "1", *options]
 
 
-def identity_stage_command(minutes: float = IDENTITY_MINUTES, *, parts: bool = False, weights_dir: Path | None = None) -> list[str]:
+def identity_stage_command(minutes: float = IDENTITY_MINUTES, *, parts: bool = False, pairs: float = 0.0,
+                           weights_dir: Path | None = None) -> list[str]:
     """The UNet's identity-code stage, continued from the UNet in weights_dir (default: the shipped one, in place);
-    parts: the harder world's part codes (baselines.study world)."""
+    parts: the harder world's part codes; pairs: that share of rows showing a person and a dog (baselines.study world)."""
     return [sys.executable, "-m", "miniworld.train_base", "unet", "--from-shipped", *(["--parts"] if parts else []),
+            *(["--pairs", f"{pairs:g}"] if pairs else []),
             "--minutes", f"{minutes:g}", "--threads", "2", *(["--weights-dir", str(weights_dir)] if weights_dir else [])]
 
 

@@ -57,7 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parts", action="store_true",
                    help="unet: each query's subject-word value carries the code of the part it shows (the harder world of "
                         "baselines.study --world parts; give it its own --weights-dir)")
+    p.add_argument("--pairs", type=float, default=0.0,
+                   help="unet: fraction of rows showing a person and a dog in one image (world.render_pair), both subject "
+                        "words carrying their identity (the two-subject world of baselines.study --world pairs; give it "
+                        "its own --weights-dir)")
     args = p.parse_args(argv)
+    if not 0 <= args.pairs < 1:
+        p.error(f"--pairs is a fraction of the rows in [0, 1), got {args.pairs}")
+    if args.pairs and args.parts:
+        p.error("--pairs and --parts are two different worlds: give one of them")
     defaults = {"pool": (0, 1, 0), "eval": (0, 1, 0), "vae": (12, 16, 2e-3), "unet": (34, 32, 1e-3), "vision": (6, 64, 1e-3)}[args.part]
     args.minutes = defaults[0] if args.minutes is None else args.minutes
     args.batch_size = args.batch_size or defaults[1]
@@ -104,6 +112,27 @@ def world_pool(n: int, *, split: str, seed: int) -> dict:
     RUNS.mkdir(parents=True, exist_ok=True)
     np.savez(path, images=np.stack(images), references=np.stack(refs), domain=np.array(domains), scene_fields=fields, ids=np.array(ids))
     return world_pool(n, split=split, seed=seed)
+
+
+def pair_pool(n: int, *, seed: int) -> dict:
+    """n two-subject renders at 128 px (world.render_pair): a random training person and dog on a random background.
+    Returns images uint8 [n, 128, 128, 3], ids [n, 2, 8] (per domain, padded as in world_pool), backgrounds (list)."""
+    path = RUNS / f"pairs_train_{n}_{seed}.npz"
+    if not path.is_file():
+        rng = np.random.default_rng([seed, 2])
+        identities = {d: W.train_identities(d) for d in W.DOMAINS}
+        backgrounds = W.SCENE_FIELDS["background"]
+        images, ids, names, t0 = [], [], [], time.time()
+        for i in range(n):
+            pair = {d: identities[d][int(rng.integers(len(identities[d])))] for d in W.DOMAINS}
+            names.append(backgrounds[int(rng.integers(len(backgrounds)))])
+            images.append(W.render_pair(pair, names[-1], size=M.IMAGE_SIZE, seed=i))
+            ids.append([pair[d].attrs + (0,) * (8 - len(pair[d].attrs)) for d in W.DOMAINS])
+        RUNS.mkdir(parents=True, exist_ok=True)
+        np.savez(path, images=np.stack(images), ids=np.array(ids), backgrounds=np.array(names))
+        log(f"rendered {n} two-subject images ({time.time() - t0:.0f} s)")
+    data = np.load(path, allow_pickle=False)
+    return {"images": data["images"], "ids": data["ids"], "backgrounds": data["backgrounds"].tolist()}
 
 
 PART_GRIDS = (16, 8, 4)  # the UNet's attention grids at 128 px (latent 16x16 and its two downsamplings)
@@ -237,13 +266,13 @@ class Captions:
         self.prompt_tokens = pack_module("nodes.prompt").PromptTokens  # the pack's one token finder, as training uses
 
     def __call__(self, text: str, word: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-        if text not in self.cache:
+        if (text, word) not in self.cache:
             tokens = self.clip.tokenize(text)
             with torch.no_grad():
                 cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
             position = self.prompt_tokens.from_tokens(tokens, self.clip.tokenizer).positions(word)[0] if word else None
-            self.cache[text] = (cond[0].float(), pooled[0].float(), position)
-        return self.cache[text]
+            self.cache[text, word] = (cond[0].float(), pooled[0].float(), position)
+        return self.cache[text, word]
 
 
 class EMA:
@@ -257,6 +286,18 @@ class EMA:
         d = min(self.decay, (1 + step) / (10 + step))  # warm start: early weights fade fast
         for k, v in module.state_dict().items():
             self.shadow[k].lerp_(v.float(), 1 - d)
+
+
+def code_subject_words(context: torch.Tensor, words: list[tuple], codes: IdentityCodes) -> torch.Tensor:
+    """The value context of a batch [B, 77, width]: each listed subject word (batch row, domain, position, attribute
+    indices) carrying its identity's code (IdentityCodes.apply); every other token as in `context`, which the keys read."""
+    values = context
+    for domain in W.DOMAINS:
+        mine = [w for w in words if w[1] == domain]
+        if mine:
+            rows, at = torch.tensor([w[0] for w in mine]), torch.tensor([w[2] for w in mine])
+            values = values.index_put((rows, at), codes.apply(context[rows, at], domain, torch.stack([w[3] for w in mine])))
+    return values
 
 
 def size_adm(model) -> torch.Tensor:
@@ -313,6 +354,10 @@ def train_unet(args) -> None:
                             lr=args.lr, weight_decay=0.01)
     ema, ema_codes = EMA(model.diffusion_model, 0.999), EMA(codes, 0.999)
     identities = torch.from_numpy(pool["ids"]).long()
+    pairs = pair_pool(args.pool_size // 2, seed=args.seed) if args.pairs else None
+    if pairs is not None:
+        pair_x0 = encode_pool(vae, pairs["images"], model, f"pairs_{args.pool_size // 2}_{args.seed}")
+        pair_ids = torch.from_numpy(pairs["ids"]).long()
     part_shares = pool_parts(pool, n=args.pool_size, seed=args.seed) if args.parts else None
     layer_keys = list(pack_module("nested_core").attn2_layers(model.diffusion_model))
     gen = torch.Generator().manual_seed(args.seed)
@@ -334,23 +379,29 @@ def train_unet(args) -> None:
         domains = [W.DOMAINS[pool["domain"][i]] for i in idx]
         conds = [empty if dr else captions(W.caption(d, pool["scenes"][i], variant=v), W.SUBJECT_WORD[d])
                  for i, d, v, dr in zip(idx, domains, variants, drop)]
+        subjects = [[(d, conds[b][2], identities[i])] for b, (i, d) in enumerate(zip(idx, domains))]  # (domain, position, attrs)
+        if pairs is not None:  # these rows show a person and a dog instead; both words carry their identity
+            paired = (torch.rand(args.batch_size, generator=gen) < args.pairs).tolist()
+            pick = torch.randint(len(pair_x0), (args.batch_size,), generator=gen).tolist()
+            for b in (b for b in range(args.batch_size) if paired[b]):
+                text = W.pair_caption(pairs["backgrounds"][pick[b]])
+                conds[b] = empty if drop[b] else captions(text, W.SUBJECT_WORD["person"])
+                subjects[b] = [(d, captions(text, W.SUBJECT_WORD[d])[2], pair_ids[pick[b], k]) for k, d in enumerate(W.DOMAINS)]
         context = torch.stack([c for c, _, _ in conds])
         y = torch.cat([torch.stack([p for _, p, _ in conds]), adm_size.expand(len(idx), -1)], dim=1)
-        values, part_rows = context, {}  # the subject word's value (not its key) carries the depicted identity in coded rows
-        for domain in W.DOMAINS:
-            rows = [b for b in range(len(idx)) if coded[b] and not drop[b] and domains[b] == domain]
-            if rows and part_shares is not None:  # per query: the code of the part it shows
-                part_codes = codes.part_codes(domain, identities[[idx[b] for b in rows]])
-                for j, b in enumerate(rows):
-                    part_rows[b] = CodedRow(conds[b][2], context[b, conds[b][2]], part_codes[j], part_shares[idx[b]])
-            elif rows:
-                at = torch.tensor([conds[b][2] for b in rows])
-                values = values.index_put((torch.tensor(rows), at), codes.apply(context[rows, at], domain, identities[[idx[b] for b in rows]]))
-        if part_shares is not None:
+        part_rows = {}  # the subject word's value (not its key) carries the depicted identity in coded rows
+        if part_shares is not None:  # per query: the code of the part it shows
+            for domain in W.DOMAINS:
+                rows = [b for b in range(len(idx)) if coded[b] and not drop[b] and domains[b] == domain]
+                if rows:
+                    part_codes = codes.part_codes(domain, identities[[idx[b] for b in rows]])
+                    for j, b in enumerate(rows):
+                        part_rows[b] = CodedRow(conds[b][2], context[b, conds[b][2]], part_codes[j], part_shares[idx[b]])
             options = PartCodeInjection(part_rows, W.MAX_PARTS).install(options, layer_keys)
         else:
+            values = code_subject_words(context, [(b, *word) for b in range(len(idx)) if coded[b] and not drop[b] for word in subjects[b]], codes)
             options["patches"] = {"attn2_patch": [lambda n, context_attn2, value_attn2, extra, values=values: (n, context_attn2, values)]}
-        x0 = x0_all[idx]
+        x0 = x0_all[idx] if pairs is None else torch.stack([pair_x0[pick[b]] if paired[b] else x0_all[i] for b, i in enumerate(idx)])
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sample_sigmas(ms, len(idx), gen)
         x_noisy = ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
@@ -378,7 +429,7 @@ def train_unet(args) -> None:
     codes.load_state_dict(ema_codes.shadow)
     parts["unet"], parts["identity_codes"] = model.diffusion_model.eval(), codes
     run_info = {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "ema": 0.999, "caption_dropout": 0.1,
-                "identity_rows": args.identity_rows, "identity_codes": "parts" if args.parts else "whole", "pool": args.pool_size, "wall_s": round(wall), "final_loss": round(running, 4)}
+                "identity_rows": args.identity_rows, "identity_codes": "parts" if args.parts else "whole", "pairs": args.pairs, "pool": args.pool_size, "wall_s": round(wall), "final_loss": round(running, 4)}
     previous = parts["info"].get("unet") if args.from_shipped else None
     parts["info"]["unet"] = {**run_info, "continued_from": previous} if previous else run_info
     write_base(args.weights_dir, parts)

@@ -383,6 +383,13 @@ def _compose(identity: Identity, canvas: Image.Image, style: str, size: str, x: 
              labels: bool = False) -> np.ndarray:
     """The subject pasted on `canvas`, box-filtered to `out` px; labels: the part labels at the supersampled size
     instead (the same random draws, so the same pose and place)."""
+    _paste(identity, canvas, style, size, x, rng, out, labels)
+    return np.asarray(canvas)[..., 0].copy() if labels else _finish(canvas, rng)
+
+
+def _paste(identity: Identity, canvas: Image.Image, style: str, size: str, x: float, rng: np.random.Generator, out: int,
+           labels: bool = False) -> None:
+    """The styled subject drawn onto `canvas` (supersampled) around x (0..1) across, at mid height."""
     big = canvas.width
     box = round(big * SUBJECT_FRACTION[size] * float(rng.uniform(0.94, 1.06)) / 0.7)  # the layer has a 15% margin each side
     layer = _subject_layer(identity, box, style, rng, labels)
@@ -397,9 +404,12 @@ def _compose(identity: Identity, canvas: Image.Image, style: str, size: str, x: 
     jitter = rng.uniform(-0.025, 0.025, size=2) * big
     cx, cy = x * big + jitter[0], 0.5 * big + jitter[1]
     canvas.paste(layer, (round(cx - box / 2), round(cy - box / 2)), layer)  # with itself as mask: blends, clips at the edges
-    if labels:
-        return np.asarray(canvas)[..., 0].copy()
-    image = canvas.reduce(SUPERSAMPLE)  # a box filter: the antialiasing of the 4x drawing
+
+
+def _finish(canvas: Image.Image, rng: np.random.Generator) -> np.ndarray:
+    """The supersampled canvas box-filtered to its output size (the antialiasing of the 4x drawing), with a random
+    brightness."""
+    image = canvas.reduce(SUPERSAMPLE)
     brightness = float(rng.uniform(0.9, 1.1))
     return np.clip(np.asarray(image, np.float32) * brightness, 0, 255).round().astype(np.uint8)
 
@@ -442,6 +452,30 @@ def render_reference(identity: Identity, *, size: int = 64, seed: int = 0) -> np
     grey = tuple(int(c) for c in np.array(REFERENCE_BACKGROUND) + rng.integers(-8, 9))
     background = Image.new("RGB", (size * SUPERSAMPLE, size * SUPERSAMPLE), grey)
     return _compose(identity, background, "none", "large", 0.5, rng, size)
+
+
+# ------------------------------------------------------------------------------------ two subjects, one image
+# A person and a dog in one image (baselines.study --world pairs): the world's single-subject scenes hold one subject,
+# so this scene and its caption are the only two-subject ones. Fixed sides, unstyled, small, so each half can be read
+# by the single-subject metrics with the other half painted over.
+PAIR_SIDES = {"person": "left", "pet": "right"}
+PAIR_CAPTION = "a photo of a small person on the left and a small dog on the right, on a {bg} background"
+
+
+def pair_caption(background: str) -> str:
+    return PAIR_CAPTION.format(bg=background)
+
+
+def render_pair(identities: dict[str, Identity], background: str, *, size: int = 64, seed: int = 0) -> np.ndarray:
+    """uint8 [size, size, 3]: the scene of `pair_caption(background)`, each domain's identity on its PAIR_SIDES side."""
+    if sorted(identities) != sorted(DOMAINS) or any(identities[d].domain != d for d in DOMAINS):
+        raise ValueError(f"render_pair takes one identity per domain {DOMAINS}, keyed by domain; got {identities}")
+    canvas = _background(background, size * SUPERSAMPLE).copy()
+    rng = np.random.default_rng([seed, len(DOMAINS), *(identities[d].index for d in DOMAINS)])
+    for d in DOMAINS:
+        x = POSITION_X["small"][SCENE_FIELDS["position"].index(PAIR_SIDES[d])]
+        _paste(identities[d], canvas, "none", "small", x, rng, size)
+    return _finish(canvas, rng)
 
 
 # ------------------------------------------------------------------------------------------ files and CLI

@@ -88,13 +88,15 @@ def test_the_harder_world_has_its_own_files_and_its_runs_train_in_it(tmp_path, c
 
     with pytest.raises(SystemExit):
         study.parse_args(["world"])  # the shipped world is not remade
-    assert "--world parts" in capsys.readouterr().err
+    assert "--world parts or --world pairs" in capsys.readouterr().err
     args = study.parse_args(["train", "--world", "parts"])
     shipped = study.parse_args(["train"]).layout
     assert args.layout.world == "parts" and shipped.world == "shipped" and shipped.world_dir is None
     assert {args.layout.work, args.layout.results, args.layout.page}.isdisjoint({shipped.work, shipped.results, shipped.page})
     world_dir = tmp_path / "parts_world"
-    layout = Layout(tmp_path / "work", tmp_path / "results", tmp_path / "figures", tmp_path / "study.md", world_dir)
+    layout = Layout(tmp_path / "work", tmp_path / "results", tmp_path / "figures", tmp_path / "study.md", world_dir, "parts")
+    with pytest.raises(ValueError, match="need theirs"):
+        Layout(world="parts")  # a world other than the shipped one without its folder
     layout.data("person").mkdir(parents=True)
     (layout.data("person") / "manifest.jsonl").write_text("")
     command = study_plan.train_command(Run("person", "global_v"), layout, steps=600)
@@ -108,13 +110,18 @@ def test_the_harder_world_has_its_own_files_and_its_runs_train_in_it(tmp_path, c
     make = study_plan.world_command(layout, 30)
     assert make[1:4] == ["-m", "miniworld.train_base", "unet"] and "--parts" in make and "--from-shipped" in make
     assert make[make.index("--weights-dir") + 1] == str(world_dir) and "miniworld/weights" not in " ".join(make)
+    pairs = study.parse_args(["train", "--world", "pairs"]).layout  # two subjects in one image: a third world, its own files
+    assert pairs.world == "pairs" and len({pairs.work, args.layout.work, shipped.work}) == 3 and pairs.page.name == "study_pairs.md"
+    make = study_plan.world_command(pairs, 30)
+    assert make[make.index("--pairs") + 1] == f"{study_plan.PAIR_ROWS:g}" and "--parts" not in make
+    assert make[make.index("--weights-dir") + 1] == str(pairs.world_dir) and pairs.world_dir != args.layout.world_dir
     with pytest.raises(SystemExit):
         parse_args(["--tiny", "--world-dir", str(world_dir), "--output-dir", str(tmp_path / "o")])
 
 
 def test_making_the_harder_world_never_replaces_a_trained_one(tmp_path):
     args = study.parse_args(["world", "--world", "parts", "--out", str(tmp_path)])
-    args.layout = Layout(*(getattr(args.layout, f) for f in ("work", "results", "figures", "page")), tmp_path / "parts_world")
+    args.layout = Layout(*(getattr(args.layout, f) for f in ("work", "results", "figures", "page")), tmp_path / "parts_world", "parts")
     (tmp_path / "parts_world").mkdir()
     (tmp_path / "parts_world" / "base.safetensors").write_bytes(b"trained")
     with pytest.raises(SystemExit, match="--overwrite-world"):
@@ -292,3 +299,31 @@ def test_the_paired_table_subtracts_case_by_case():
     assert "| decoupled CA | scale=1 vs nested λ=1 | +0.100 [+0.100, +0.100] | +0.167 [" in text
     assert "| global V | λ=2 vs nested λ=2 | +0.000 [-0.100, +0.100] | +0.000 [+0.000, +0.000] |" in text
     assert "scale=0.5" not in text
+
+
+def test_the_two_subject_outcome_pairs_both_bound_with_each_alone(synthetic_study):
+    """The page's two-subject lines are per-case differences: here binding both costs the person half 0.1 identity
+    (separated), and the dog half nothing (noise only)."""
+    from baselines import study_report, study_two_subjects
+    from miniworld.evaluate import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    levels = {"no subject": (0.40, 0.40), "oracle, both": (0.8, 0.8), "both λ=1": (0.5, 0.6), "person alone λ=1": (0.6, 0.4),
+              "dog alone λ=1": (0.4, 0.6)}
+    scores = {c: {f"{d}_{k}": ((p if d == "person" else q) + rng.normal(0, 0.01, N)).tolist() if k == "similarity" else [1.0] * N
+                  for d in ("person", "pet") for k in ("similarity", "domain", "prompt")} for c, (p, q) in levels.items()}
+    result = {"mechanism": "nested", "cases": N, "steps": 20, "seconds": 1.0, "scores": scores, "conditions": list(scores),
+              "grid_cases": 2, "run": {"name": "two_domains_nested", "mechanism": "nested"}}
+    synthetic_study.result("two_domains_nested").write_text(json.dumps(result))
+    tiles = {f"c{i}": np.full((2, 16, 16, 3), 40 * i, np.uint8) for i in range(len(scores))}
+    np.savez_compressed(synthetic_study.images("two_domains_nested"), reference_person=np.zeros((2, 16, 16, 3), np.uint8),
+                        reference_pet=np.zeros((2, 16, 16, 3), np.uint8), **tiles)
+    page = study_report.report(synthetic_study).read_text()
+    cost = bootstrap_ci(np.subtract(scores["both λ=1"]["person_similarity"], scores["person alone λ=1"]["person_similarity"]))
+    line = next(line for line in page.splitlines() if line.startswith("- nested attention, person half:"))
+    assert f"minus person alone {cost[0]:+.3f} [{cost[1]:+.3f}, {cost[2]:+.3f}] (both lower)" in line
+    dog = next(line for line in page.splitlines() if line.startswith("- nested attention, dog half:"))
+    assert "(not separated)" in dog.split(";")[0] and "(bound higher)" in dog.split(";")[1]
+    assert "figures/study_grid_two_domains_nested.png" in page and "| nested attention | oracle, both | 0.7" in page
+    columns = study_two_subjects.grid_columns(result, study_report.images_of(synthetic_study, result))
+    assert [c for c, _ in columns] == ["reference (person)", "reference (dog)", *levels]
