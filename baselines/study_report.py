@@ -225,7 +225,7 @@ def page(results: dict, layout: Layout, settings: dict, written: list[Path]) -> 
     elif steps < full_steps or identities < 16:
         out += [f"**Reduced budget**: {steps} of the shipped {full_steps} training steps, the same for every method; {identities} "
                 f"held-out identities, {settings.get('sampling_steps')} sampling steps. A first measurement: read the intervals.", ""]
-    summary = [line for d in ("person", "pet") for line in outcome(main_runs(results, d), d)] + two.outcome(results)
+    summary = [line for d in ("person", "pet") for line in outcome(main_runs(results, d), d)] + two.outcome(results) + two.leak_outcome(results)
     if summary:
         out += ["## Outcome at the default knob (λ 1, decoupled scale 1), paired over the same cases", "", *summary, ""]
     others = sorted(p for p in layout.page.parent.glob("study*.md") if p.resolve() != layout.page.resolve())
@@ -265,7 +265,7 @@ def page(results: dict, layout: Layout, settings: dict, written: list[Path]) -> 
         out += ["Knob sweeps per mechanism (first held-out cases; columns: reference, base, then the knob): " +
                 ", ".join(f"[{p.stem[len('study_grid_'):]}]({rel(p)})" for p in grids_), ""]
     out += ["## Estimated wall time of the full study here", "",
-            f"From the times above (training steps, start-up, triplets, images):", "",
+            "From the times above (training steps, start-up, triplets, images):", "",
             f"- person only: {describe(full[''])}", f"- with `--pet --two-domains`: {describe(full['--pet --two-domains'])}", ""]
     return "\n".join(out)
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from miniworld import world
 
+from .study_plan import MECHANISMS
 from .study_tables import LABELS, difference, table
 
 HALVES = {d: f"{world.SUBJECT_WORD[d]} half" for d in world.DOMAINS}
@@ -19,8 +20,9 @@ ALONE = {d: f"{world.SUBJECT_WORD[d]} alone" for d in world.DOMAINS}  # = evalua
 
 
 def pair_results(results: dict) -> dict[str, dict]:
-    """mechanism -> the two-domain result, in the stored order."""
-    return {r["mechanism"]: r for name, r in results.items() if name.startswith("two_domains_")}
+    """mechanism -> the two-domain result, nested attention first."""
+    found = {r["mechanism"]: r for name, r in results.items() if name.startswith("two_domains_")}
+    return {m: found[m] for m in MECHANISMS if m in found}
 
 
 def default_knob(result: dict) -> str:
@@ -45,12 +47,33 @@ def outcome(results: dict) -> list[str]:
     return lines
 
 
+def leak_outcome(results: dict) -> list[str]:
+    """Binding one subject alone should leave the other half as the base model drew it: per mechanism, how much the
+    other half changes (mean absolute pixel change from the no-subject image, 0..1), and nested attention minus each
+    other mechanism, paired."""
+    runs = {m: r for m, r in pair_results(results).items() if "person_change" in r["scores"]["no subject"]}
+    other = dict(zip(world.DOMAINS, reversed(world.DOMAINS)))  # the half a binding should leave alone
+    def changes(r: dict) -> dict[str, list]:  # bound domain -> per-case change of the other half
+        return {d: r["scores"][f"{ALONE[d]} {default_knob(r)}"][f"{other[d]}_change"] for d in world.DOMAINS}
+    lines = [f"- {LABELS[m]}: " + "; ".join(f"{ALONE[d]} changes the {HALVES[other[d]]} by {np.mean(v):.3f}" for d, v in changes(r).items())
+             for m, r in runs.items()]
+    if "nested" in runs:
+        ours = changes(runs["nested"])
+        for m, r in runs.items():
+            if m != "nested":
+                lines.append(f"- the other half's change, nested attention minus {LABELS[m]}: " + "; ".join(
+                    f"{ALONE[d]} {difference(ours[d], v, higher='nested changes it more', lower='nested changes it less')}"
+                    for d, v in changes(r).items()))
+    return lines
+
+
 def pair_table(results: dict) -> str:
-    rows = []
+    rows, keys = [], ("similarity", "domain", "prompt", "change")
     for m, r in pair_results(results).items():
         for c, s in r["scores"].items():
-            rows.append([LABELS[m], c] + [f"{np.mean(s[f'{d}_{k}']):.3f}" for k in ("similarity", "domain", "prompt") for d in world.DOMAINS])
-    header = ["mechanism", "condition", *(f"{HALVES[d]}: {k}" for k in ("identity", "read as its subject", "prompt") for d in world.DOMAINS)]
+            rows.append([LABELS[m], c] + [f"{np.mean(s[f'{d}_{k}']):.3f}" if f"{d}_{k}" in s else "" for k in keys for d in world.DOMAINS])
+    names = ("identity", "read as its subject", "prompt", "pixel change from no subject")
+    header = ["mechanism", "condition", *(f"{HALVES[d]}: {k}" for k in names for d in world.DOMAINS)]
     return table(header, rows) if rows else ""
 
 
@@ -63,4 +86,4 @@ def grid_columns(result: dict, pictures: dict[str, np.ndarray]) -> list[tuple[st
             [(name, pictures[name]) for name in names if name in pictures])
 
 
-__all__ = ["pair_results", "default_knob", "outcome", "pair_table", "grid_columns"]
+__all__ = ["pair_results", "default_knob", "outcome", "leak_outcome", "pair_table", "grid_columns"]

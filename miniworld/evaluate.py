@@ -318,7 +318,9 @@ def evaluate_two_domains(weights_paths: dict, *, n_identities: int = 16, lambdas
                          mechanism: str | None = None, keep_images: bool = False) -> dict:
     """A person (left) and a dog (right) in one image, each from its own weights file and word, bound together or
     each alone on the same caption and seed. Per domain, on its half (the other painted over): identity similarity
-    to its reference, whether the half is read as that domain, prompt accuracy of the half's scene."""
+    to its reference, whether the half is read as that domain, prompt accuracy of the half's scene; `_change`: the
+    half's mean absolute pixel change from the no-subject image (binding only the other subject should leave it as
+    it was: what changes is that subject leaking into this one)."""
     from .metrics import WorldMetrics
 
     core = pack_module("nested_core")
@@ -345,16 +347,19 @@ def evaluate_two_domains(weights_paths: dict, *, n_identities: int = 16, lambdas
                 images.setdefault(f"{name} {suffix}", []).append(gen.image(case.caption, case.seed, bindings))
     seconds = time.time() - t0
     backgrounds = [c.background for c in todo]
-    scores = {}
+    scores, unbound = {}, torch.stack(images["no subject"])
+    columns = {"left": slice(0, unbound.shape[2] // 2), "right": slice(unbound.shape[2] // 2, None)}
     for condition, tiles in images.items():
         batch, scores[condition] = torch.stack(tiles), {}
         for d, side in world.PAIR_SIDES.items():
             crops = one_side(batch, side, backgrounds)
             scenes = [world.Scene(background=b, position=side, size="small") for b in backgrounds]
             read = metrics.logits(crops)["domain"].argmax(-1) == world.DOMAINS.index(d)
+            change = (batch[:, :, columns[side]] - unbound[:, :, columns[side]]).abs().mean(dim=(1, 2, 3))
             scores[condition].update({f"{d}_similarity": metrics.identity_similarity(crops, references[d], domain=d).tolist(),
                                       f"{d}_domain": read.float().tolist(),
-                                      f"{d}_prompt": metrics.prompt_accuracy(crops, scenes).tolist()})
+                                      f"{d}_prompt": metrics.prompt_accuracy(crops, scenes).tolist(),
+                                      f"{d}_change": change.tolist()})
     result = {"weights": {d: str(p) for d, p in weights_paths.items()}, "mechanism": mechanism, "cases": len(todo),
               "steps": steps, "cfg": gen.cfg, "seconds": seconds, "scores": scores, "captions": [c.caption for c in todo]}
     if keep_images:

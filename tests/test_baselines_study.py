@@ -312,6 +312,8 @@ def test_the_two_subject_outcome_pairs_both_bound_with_each_alone(synthetic_stud
               "dog alone λ=1": (0.4, 0.6)}
     scores = {c: {f"{d}_{k}": ((p if d == "person" else q) + rng.normal(0, 0.01, N)).tolist() if k == "similarity" else [1.0] * N
                   for d in ("person", "pet") for k in ("similarity", "domain", "prompt")} for c, (p, q) in levels.items()}
+    for c in scores:  # the dog half changes by 0.02 when the person alone is bound (a leak), the person half by 0.01
+        scores[c].update(person_change=[0.01 * (c == "dog alone λ=1")] * N, pet_change=[0.02 * (c == "person alone λ=1")] * N)
     result = {"mechanism": "nested", "cases": N, "steps": 20, "seconds": 1.0, "scores": scores, "conditions": list(scores),
               "grid_cases": 2, "run": {"name": "two_domains_nested", "mechanism": "nested"}}
     synthetic_study.result("two_domains_nested").write_text(json.dumps(result))
@@ -324,6 +326,7 @@ def test_the_two_subject_outcome_pairs_both_bound_with_each_alone(synthetic_stud
     assert f"minus person alone {cost[0]:+.3f} [{cost[1]:+.3f}, {cost[2]:+.3f}] (both lower)" in line
     dog = next(line for line in page.splitlines() if line.startswith("- nested attention, dog half:"))
     assert "(not separated)" in dog.split(";")[0] and "(bound higher)" in dog.split(";")[1]
+    assert "- nested attention: person alone changes the dog half by 0.020; dog alone changes the person half by 0.010" in page
     assert "figures/study_grid_two_domains_nested.png" in page and "| nested attention | oracle, both | 0.7" in page
     columns = study_two_subjects.grid_columns(result, study_report.images_of(synthetic_study, result))
     assert [c for c, _ in columns] == ["reference (person)", "reference (dog)", *levels]

@@ -83,4 +83,8 @@ def test_two_domains_evaluation_binds_each_subject_to_its_own_word() -> None:
     for a, b in [("no subject", "oracle, both"), ("both λ=1", "person alone λ=1"), ("both λ=1", "dog alone λ=1"),
                  ("person alone λ=1", "dog alone λ=1"), ("no subject", "both λ=1")]:
         assert not torch.equal(images[a], images[b]), (a, b)
-    assert set(result["scores"]["both λ=1"]) == {f"{d}_{k}" for d in world.DOMAINS for k in ("similarity", "domain", "prompt")}
+    scores = result["scores"]
+    assert set(scores["both λ=1"]) == {f"{d}_{k}" for d in world.DOMAINS for k in ("similarity", "domain", "prompt", "change")}
+    assert scores["no subject"]["person_change"] == scores["no subject"]["pet_change"] == [0.0]
+    both = (images["both λ=1"] - images["no subject"]).abs()
+    assert scores["both λ=1"]["person_change"][0] == pytest.approx(float(both[0, :, :64].mean()), rel=1e-6)
