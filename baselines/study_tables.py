@@ -113,9 +113,18 @@ def ablation_table(results: dict, kind: str, key: str) -> str:
     if len(runs) < 2:
         return ""
     values = [c for c, _ in sweep(runs[0], "nested")]
-    rows = [[("none" if r["run"][key] is None else f"{r['run'][key]:g}")] +
-            [f"{ci(r, c, 'identity_similarity')[0]:.3f} / {ci(r, c, 'prompt_accuracy')[0]:.3f}" for c in values] for r in runs]
-    return table([key, *(c.split(" ", 1)[1] for c in values)], rows)
+    label = lambda r: "none" if r["run"][key] is None else f"{r['run'][key]:g}"  # noqa: E731
+    rows = [[label(r)] + [f"{ci(r, c, 'identity_similarity')[0]:.3f} / {ci(r, c, 'prompt_accuracy')[0]:.3f}" for c in values] for r in runs]
+    default = next(r for r in runs if r["run"]["ablation"] is None)
+
+    def paired(r: dict, c: str, metric: str) -> str:  # minus the default run on the same cases; * where the interval leaves 0
+        mean, lo, hi = bootstrap_ci(np.subtract(r["scores"][c][metric], default["scores"][c][metric]))
+        return f"{mean:+.3f}{'*' if lo > 0 or hi < 0 else ''}"
+    differences = [[label(r)] + [f"{paired(r, c, 'identity_similarity')} / {paired(r, c, 'prompt_accuracy')}" for c in values]
+                   for r in runs if r is not default]
+    header = [key, *(c.split(" ", 1)[1] for c in values)]
+    return (table(header, rows) + f"\n\nMinus the default run ({key} {label(default)}), paired over the same cases "
+            "(* : the 95 % interval leaves 0):\n\n" + table(header, differences))
 
 
 def photos_table(results: dict) -> str:
