@@ -99,10 +99,7 @@ def make_world(args) -> None:
     codes (parts) or with two-subject scenes among its rows (pairs); the shipped files are never written."""
     import shutil
 
-    from training.host import setup_comfyui
-
-    setup_comfyui(cpu=True)  # before miniworld.models imports the host
-    from miniworld.models import BASE_FILE, VISION_FILES, WEIGHTS_DIR
+    from miniworld.files import BASE_FILE, VISION_FILES, WEIGHTS_DIR
 
     folder = args.layout.world_dir
     if (folder / BASE_FILE).is_file() and not args.overwrite_world:

@@ -37,10 +37,8 @@ import torch
 from comfy.ldm.models.autoencoder import AutoencoderKL
 from torch import nn
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-BASE_FILE = "base.safetensors"
-VISION_FILES = {"random": "vision.safetensors", "trained": "vision_trained.safetensors"}
-VISION_NAMES = {key: f"miniworld-vit-{key}" for key in VISION_FILES}  # recorded in the files and in nested weights trained on them
+from .files import BASE_FILE, VISION_FILES, VISION_NAMES, WEIGHTS_DIR  # noqa: F401  (re-exported: the loaders' names)
+
 FORMAT = "miniworld-base/1"
 IMAGE_SIZE = 128  # world images, px
 LATENT_SCALE = comfy.latent_formats.SDXL().scale_factor  # 0.13025: the UNet sees latents * this

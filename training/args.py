@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from miniworld.files import BASE_FILE
+
 from . import data as data_lib
 
 STATE_NAME = "state.json"  # marks a checkpoint folder complete (written last)
@@ -109,7 +111,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         p.error("--clip-vision goes with --checkpoint (--world and --tiny bring their own image encoder)")
     if args.world_dir and not args.world:
         p.error("--world-dir goes with --world (the folder of the world's base and vision files)")
-    if args.world_dir and not (Path(args.world_dir) / "base.safetensors").is_file():
+    if args.world_dir and not (Path(args.world_dir) / BASE_FILE).is_file():
         p.error(f"--world-dir {args.world_dir}: no base.safetensors there (make one with python -m baselines.study world)")
     for name in ("checkpoint", "clip_vision", "init_weights", "manifest"):
         path = getattr(args, name)
