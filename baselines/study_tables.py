@@ -17,6 +17,11 @@ LABELS = {"nested": "nested attention", "decoupled": "decoupled CA", "global_v":
 METRICS = ("identity_similarity", "prompt_accuracy")
 
 
+def default_knob(mechanism: str) -> str:
+    """A condition's knob suffix at the default setting: 'scale=1' for decoupled CA (its output scale), else 'λ=1'."""
+    return "scale=1" if mechanism == "decoupled" else "λ=1"
+
+
 def difference(ours, theirs, *, higher: str, lower: str) -> str:
     """Paired difference ours minus theirs (per case), its interval, and the verdict: `higher` / `lower` where the
     interval leaves 0, else 'not separated'."""
@@ -98,7 +103,7 @@ def outcome(runs: dict[str, dict], domain: str) -> list[str]:
         return []
     lines = []
     for m, r in runs.items():
-        theirs = f"{m} scale=1" if m == "decoupled" else f"{m} λ=1"
+        theirs = f"{m} {default_knob(m)}"
         if m == "nested" or theirs not in r["scores"] or "nested λ=1" not in runs["nested"]["scores"]:
             continue
         cells = [f"{name} " + difference(runs["nested"]["scores"]["nested λ=1"][k], r["scores"][theirs][k], higher="nested higher", lower="nested lower")
@@ -174,4 +179,4 @@ def times_table(times: dict) -> str:
     return table(["run", "wall time", "work", "rate"], rows) if rows else ""
 
 
-__all__ = ["LABELS", "METRICS", "difference", "load", "sweep", "ci", "cell", "main_runs", "table", "main_table", "paired_table", "outcome", "ablation_table", "photos_table", "mixing_table", "times_table"]
+__all__ = ["LABELS", "METRICS", "default_knob", "difference", "load", "sweep", "ci", "cell", "main_runs", "table", "main_table", "paired_table", "outcome", "ablation_table", "photos_table", "mixing_table", "times_table"]

@@ -13,7 +13,7 @@ import numpy as np
 from miniworld import world
 
 from .study_plan import MECHANISMS
-from .study_tables import LABELS, difference, table
+from .study_tables import LABELS, default_knob, difference, table
 
 HALVES = {d: f"{world.SUBJECT_WORD[d]} half" for d in world.DOMAINS}
 ALONE = {d: f"{world.SUBJECT_WORD[d]} alone" for d in world.DOMAINS}  # = evaluate_two_domains' condition names
@@ -25,17 +25,12 @@ def pair_results(results: dict) -> dict[str, dict]:
     return {m: found[m] for m in MECHANISMS if m in found}
 
 
-def default_knob(result: dict) -> str:
-    """The conditions' knob suffix at the default setting: 'scale=1' for decoupled CA, else 'λ=1'."""
-    return "scale=1" if result["mechanism"] == "decoupled" else "λ=1"
-
-
 def outcome(results: dict) -> list[str]:
     """Per mechanism and half at the default knob: identity with both bound minus with its subject alone (the cost of
     the second subject), and minus the base model told nothing (what binding gives in a two-subject image)."""
     lines = []
     for m, r in pair_results(results).items():
-        knob, s = default_knob(r), r["scores"]
+        knob, s = default_knob(r["mechanism"]), r["scores"]
         if f"both {knob}" not in s:
             continue
         for d in world.DOMAINS:
@@ -54,7 +49,7 @@ def leak_outcome(results: dict) -> list[str]:
     runs = {m: r for m, r in pair_results(results).items() if "person_change" in r["scores"]["no subject"]}
     other = dict(zip(world.DOMAINS, reversed(world.DOMAINS)))  # the half a binding should leave alone
     def changes(r: dict) -> dict[str, list]:  # bound domain -> per-case change of the other half
-        return {d: r["scores"][f"{ALONE[d]} {default_knob(r)}"][f"{other[d]}_change"] for d in world.DOMAINS}
+        return {d: r["scores"][f"{ALONE[d]} {default_knob(r['mechanism'])}"][f"{other[d]}_change"] for d in world.DOMAINS}
     lines = [f"- {LABELS[m]}: " + "; ".join(f"{ALONE[d]} changes the {HALVES[other[d]]} by {np.mean(v):.3f}" for d, v in changes(r).items())
              for m, r in runs.items()]
     if "nested" in runs:
@@ -80,10 +75,10 @@ def pair_table(results: dict) -> str:
 def grid_columns(result: dict, pictures: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
     """The columns of a mechanism's two-subject grid: both references, the base model told nothing and told both, then
     both bound and each alone at the default knob."""
-    knob = default_knob(result)
+    knob = default_knob(result["mechanism"])
     names = ["no subject", "oracle, both", f"both {knob}", *(f"{ALONE[d]} {knob}" for d in world.DOMAINS)]
     return ([(f"reference ({world.SUBJECT_WORD[d]})", pictures[f"reference_{d}"]) for d in world.DOMAINS] +
             [(name, pictures[name]) for name in names if name in pictures])
 
 
-__all__ = ["pair_results", "default_knob", "outcome", "leak_outcome", "pair_table", "grid_columns"]
+__all__ = ["pair_results", "outcome", "leak_outcome", "pair_table", "grid_columns"]

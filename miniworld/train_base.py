@@ -85,6 +85,13 @@ def cosine(progress: float, warmup: float = 0.03) -> float:
 
 
 # --- data: renders of the world, cached once ------------------------------------------------------
+ID_SLOTS = 8  # attribute indices per identity in the pools, zero-padded: both domains' rows stack
+
+
+def padded_attrs(identity: W.Identity) -> tuple[int, ...]:
+    return identity.attrs + (0,) * (ID_SLOTS - len(identity.attrs))
+
+
 def world_pool(n: int, *, split: str, seed: int) -> dict:
     """n renders at 128 px of random `split` identities (both domains alternating) in random scenes.
     Returns images uint8 [n, 128, 128, 3], domain [n], scenes (list), references uint8 [n, 64, 64, 3], ids."""
@@ -105,7 +112,7 @@ def world_pool(n: int, *, split: str, seed: int) -> dict:
         scene = W.sample_scene(rng)
         images.append(W.render(identity, scene, size=M.IMAGE_SIZE, seed=i))
         refs.append(W.render_reference(identity, size=64, seed=i))
-        domains.append(d), scenes.append(scene), ids.append(identity.attrs + (0,) * (8 - len(identity.attrs)))
+        domains.append(d), scenes.append(scene), ids.append(padded_attrs(identity))
         if (i + 1) % 500 == 0:
             log(f"rendered {i + 1}/{n} ({time.time() - t0:.0f} s)")
     fields = np.array([[s.background, s.position, s.size, s.style] for s in scenes])
@@ -116,7 +123,7 @@ def world_pool(n: int, *, split: str, seed: int) -> dict:
 
 def pair_pool(n: int, *, seed: int) -> dict:
     """n two-subject renders at 128 px (world.render_pair): a random training person and dog on a random background.
-    Returns images uint8 [n, 128, 128, 3], ids [n, 2, 8] (per domain, padded as in world_pool), backgrounds (list)."""
+    Returns images uint8 [n, 128, 128, 3], ids [n, 2, ID_SLOTS] (per domain), backgrounds (list)."""
     path = RUNS / f"pairs_train_{n}_{seed}.npz"
     if not path.is_file():
         rng = np.random.default_rng([seed, 2])
@@ -127,7 +134,7 @@ def pair_pool(n: int, *, seed: int) -> dict:
             pair = {d: identities[d][int(rng.integers(len(identities[d])))] for d in W.DOMAINS}
             names.append(backgrounds[int(rng.integers(len(backgrounds)))])
             images.append(W.render_pair(pair, names[-1], size=M.IMAGE_SIZE, seed=i))
-            ids.append([pair[d].attrs + (0,) * (8 - len(pair[d].attrs)) for d in W.DOMAINS])
+            ids.append([padded_attrs(pair[d]) for d in W.DOMAINS])
         RUNS.mkdir(parents=True, exist_ok=True)
         np.savez(path, images=np.stack(images), ids=np.array(ids), backgrounds=np.array(names))
         log(f"rendered {n} two-subject images ({time.time() - t0:.0f} s)")

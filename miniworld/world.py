@@ -429,9 +429,14 @@ def render_parts(identity: Identity, scene: Scene, *, size: int = 64, seed: int 
     return _draw_scene(identity, scene, Image.new("RGB", (size * SUPERSAMPLE, size * SUPERSAMPLE), (0, 0, 0)), size, seed, labels=True)
 
 
+def _centre_x(size: str, position: str) -> float:
+    """Where across the image (0..1) a subject of `size` at `position` is centred."""
+    return POSITION_X[size][SCENE_FIELDS["position"].index(position)]
+
+
 def _draw_scene(identity: Identity, scene: Scene, canvas: Image.Image, size: int, seed: int, labels: bool = False) -> np.ndarray:
     """The scene's subject on `canvas` with the random draws of (seed, identity): render and render_parts agree."""
-    x = POSITION_X[scene.size][SCENE_FIELDS["position"].index(scene.position)]
+    x = _centre_x(scene.size, scene.position)
     return _compose(identity, canvas, scene.style, scene.size, x, _rng(seed, identity, 1), size, labels)
 
 
@@ -473,8 +478,7 @@ def render_pair(identities: dict[str, Identity], background: str, *, size: int =
     canvas = _background(background, size * SUPERSAMPLE).copy()
     rng = np.random.default_rng([seed, len(DOMAINS), *(identities[d].index for d in DOMAINS)])
     for d in DOMAINS:
-        x = POSITION_X["small"][SCENE_FIELDS["position"].index(PAIR_SIDES[d])]
-        _paste(identities[d], canvas, "none", "small", x, rng, size)
+        _paste(identities[d], canvas, "none", "small", _centre_x("small", PAIR_SIDES[d]), rng, size)
     return _finish(canvas, rng)
 
 
